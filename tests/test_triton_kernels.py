@@ -67,12 +67,12 @@ def test_modules_import_without_triton():
 
 
 def test_strict_threshold_matches_double_comparison():
-    from segcli.ops.nms_triton import _strict_f32_threshold
+    from segcli.ops.nms import float32_threshold
 
     rng = torch.Generator().manual_seed(0)
     thresholds = [0.3, 0.5, 0.7, 0.1, 0.45, 0.65, 0.0, 1.0] + torch.rand(50, generator=rng, dtype=torch.float64).tolist()
     for thr in thresholds:
-        t = torch.tensor(_strict_f32_threshold(thr), dtype=torch.float32)
+        t = torch.tensor(float32_threshold(thr), dtype=torch.float32)
         # every float32 near the threshold compares the same either way
         f = torch.tensor(thr, dtype=torch.float32)
         candidates = [f]

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
+from segcli.ops.nms import float32_threshold
 
 try:  # Triton is optional: CPU-only installs (and some platforms) lack it.
     import triton
@@ -103,22 +103,6 @@ if AVAILABLE:
             tl.debug_barrier()
 
 
-def _strict_f32_threshold(iou_threshold: float) -> float:
-    """float32 ``t`` with ``iou > t`` == ``float(iou) > iou_threshold`` (double).
-
-    torchvision compares the float32 IoU with the threshold as a C++ double.
-    When rounding the threshold to float32 rounds it *up*, an IoU equal to
-    that rounded value would pass torchvision's test but fail ``iou > t``;
-    stepping one float32 down restores the exact double comparison.
-    """
-    t = float(iou_threshold)
-    with np.errstate(over="ignore"):
-        f = np.float32(t)
-    if float(f) > t:  # rounded up: the next float32 below f compares like t
-        f = np.nextafter(f, np.float32(-np.inf))
-    return float(f)
-
-
 def _launch_config(K: int) -> tuple[int, int]:
     block = max(16, min(_MAX_BLOCK, triton.next_power_of_2(K)))
     # ~4 candidates per thread in the inner loop; small groups get one warp.
@@ -179,7 +163,7 @@ def nms_padded(
         labels_c,
         keep,
         K,
-        _strict_f32_threshold(iou_threshold),
+        float32_threshold(iou_threshold),
         HAS_LABELS=has_labels,
         BLOCK=block,
         num_warps=num_warps,

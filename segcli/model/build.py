@@ -1,0 +1,71 @@
+"""Builders: an architecture name and a class count -> a MaskRCNN module (plain functions, no registry)."""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models import resnet18, resnet50
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from segcli.errors import UsageError
+from segcli.model.anchors import AnchorGenerator
+from segcli.model.arch import ARCHS, ArchSpec
+from segcli.model.maskrcnn import MaskRCNN
+from segcli.model.preprocess import ResizePolicy
+from segcli.model.roi_heads import DetectionSettings, RoIHeads
+from segcli.model.rpn import RegionProposalNetwork, RPNSettings
+
+ANCHOR_SIZES = (32, 64, 128, 256, 512)
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+
+
+def build_backbone(spec: ArchSpec) -> BackboneWithFPN:
+    """ResNet body + FPN with a max-pool level, normalized as torchvision's trained models are."""
+    make = {18: resnet18, 50: resnet50}[spec.resnet_depth]
+    body = make(weights=None, norm_layer=FrozenBatchNorm2d if spec.frozen_body_norm else nn.BatchNorm2d)
+    stage2 = body.inplanes // 8
+    return BackboneWithFPN(
+        body,
+        return_layers={f"layer{k}": str(k - 1) for k in range(1, 5)},
+        in_channels_list=[stage2 * 2 ** (k - 1) for k in range(1, 5)],
+        out_channels=spec.fpn_channels,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=nn.BatchNorm2d if spec.batchnorm_in_heads else None,
+    )
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    detection: DetectionSettings | None = None,
+    rpn: RPNSettings | None = None,
+) -> MaskRCNN:
+    """Mask R-CNN of architecture `arch` with `num_classes` labels (background included)."""
+    spec = ARCHS.get(arch)
+    if spec is None:
+        raise UsageError(f"unknown architecture '{arch}'; known: {', '.join(ARCHS)}")
+    c = spec.fpn_channels
+    norm = nn.BatchNorm2d if spec.batchnorm_in_heads else None
+    anchors = AnchorGenerator(ANCHOR_SIZES, ASPECT_RATIOS)
+    rpn_head = RPNHead(c, anchors.num_anchors_per_location, conv_depth=spec.rpn_conv_depth)
+    if spec.box_head == "conv":
+        box_head = FastRCNNConvFCHead((c, 7, 7), [c] * 4, [spec.representation_size], norm_layer=norm)
+    else:
+        box_head = TwoMLPHead(c * 7 * 7, spec.representation_size)
+    roi_heads = RoIHeads(
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(spec.representation_size, num_classes),
+        mask_head=MaskRCNNHeads(c, [spec.mask_channels] * 4, 1, norm_layer=norm),
+        mask_predictor=MaskRCNNPredictor(spec.mask_channels, spec.mask_channels, num_classes),
+        settings=detection or DetectionSettings(),
+    )
+    return MaskRCNN(
+        backbone=build_backbone(spec),
+        rpn=RegionProposalNetwork(rpn_head, anchors, rpn or RPNSettings()),
+        roi_heads=roi_heads,
+        resize=ResizePolicy(spec.min_size, spec.max_size),
+    )

@@ -1,0 +1,99 @@
+"""Mask R-CNN: one module serving predict, train, eval and export.
+
+forward(images) runs preprocessing, backbone + FPN, RPN, box head and mask head on the whole
+batch. Masks come out as 28x28 probabilities with their boxes; `Detections.paste_masks(i)` turns
+image i's into full-size masks, so a caller can encode one image at a time in bounded memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from segcli.model.preprocess import PreparedBatch, ResizePolicy, prepare_batch
+from segcli.model.roi_heads import FlatDetections, RoIHeads
+from segcli.model.rpn import RegionProposalNetwork
+from segcli.ops.paste_masks import paste_masks_transposed
+from segcli.ops.roi_align import level_scales
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class Detections:
+    """Detections of a batch in original-image coordinates, concatenated over images."""
+
+    boxes: Tensor  # [N, 4] xyxy
+    scores: Tensor  # [N], descending within each image
+    labels: Tensor  # [N] model label indices
+    mask_probs: Tensor  # [N, 28, 28] probabilities inside each box
+    image_index: Tensor  # [N]
+    image_sizes: list[tuple[int, int]]  # original (height, width) per image
+
+    def rows(self, image: int) -> Tensor:
+        return torch.nonzero(self.image_index == image).squeeze(1)
+
+    def paste_masks(self, image: int, threshold: float = 0.5) -> Tensor:
+        """Bool masks [n, W, H] of image `image`, stored transposed for RLE encoding."""
+        rows = self.rows(image)
+        height, width = self.image_sizes[image]
+        return paste_masks_transposed(self.mask_probs[rows], self.boxes[rows], height, width, threshold)
+
+
+class MaskRCNN(nn.Module):
+    def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork, roi_heads: RoIHeads, resize: ResizePolicy) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.resize = resize
+        self.precision = "fp32"
+
+    def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
+        """Mixed precision for the convolution and linear layers; box, NMS and mask arithmetic
+        stays float32 because every step after a layer reads its output as float32."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type, dtype=dtype)
+
+    @torch.inference_mode()
+    def forward(self, images: Tensor, sizes: list[tuple[int, int]]) -> Detections:
+        """images: [B, Hmax, Wmax, 3] uint8 on the model's device, image i in [:h_i, :w_i]."""
+        batch = prepare_batch(images, sizes, self.resize)
+        x = batch.tensor
+        if self.is_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast(x.device.type):
+            features = list(self.backbone(x).values())
+            resized = torch.tensor(batch.resized_sizes, device=x.device)
+            proposals = self.rpn(features, tuple(x.shape[-2:]), resized)
+            # RoIAlign reads float32 maps; the last level ("pool") only feeds the RPN.
+            pooled_features = [f.float() for f in features[:-1]]
+            scales = level_scales(pooled_features, tuple(x.shape[-2:]))
+            flat = self.roi_heads.detect(pooled_features, scales, proposals.boxes, proposals.valid, resized)
+            mask_probs = self.roi_heads.mask_probabilities(pooled_features, scales, flat)
+        return Detections(
+            boxes=self.to_original(flat, batch),
+            scores=flat.scores,
+            labels=flat.labels,
+            mask_probs=mask_probs,
+            image_index=flat.image_index,
+            image_sizes=batch.original_sizes,
+        )
+
+    @staticmethod
+    def to_original(flat: FlatDetections, batch: PreparedBatch) -> Tensor:
+        """Scale boxes from resized to original coordinates (torchvision's float32 ratios)."""
+        original = torch.tensor(batch.original_sizes, dtype=torch.float32, device=flat.boxes.device)
+        resized = torch.tensor(batch.resized_sizes, dtype=torch.float32, device=flat.boxes.device)
+        ratio = (original / resized)[flat.image_index]  # [N, (h, w)]
+        return flat.boxes * ratio[:, [1, 0, 1, 0]]
+
+    @property
+    def is_channels_last(self) -> bool:
+        weight = self.backbone.body.conv1.weight
+        return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()

@@ -1,0 +1,110 @@
+"""RoI heads: proposals -> scored, class-specific boxes -> masks for the detections that are kept.
+
+The box stage runs on every proposal of the batch at once. The score threshold is applied before
+NMS and before the mask stage, so detections below `--score-thr` cost no mask work. Filtering by a
+threshold above torchvision's 0.05 keeps exactly torchvision's detections above that threshold:
+a box can only be suppressed by a higher-scoring box, so removing lower ones changes nothing above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from segcli.model.boxes import clip_boxes, decode_boxes, large_enough
+from segcli.ops.nms import nms_padded
+from segcli.ops.roi_align import multilevel_roi_align
+
+ROI_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+BOX_POOL_SIZE = 7
+MASK_POOL_SIZE = 14
+SAMPLING_RATIO = 2
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    score_threshold: float = 0.05
+    nms_threshold: float = 0.5
+    max_detections: int = 100
+    min_size: float = 1e-2
+    # Candidates per image entering NMS on CUDA (a fixed size avoids a host sync); on the CPU every
+    # candidate enters. Only matters at very low thresholds with thousands of candidates.
+    cuda_candidate_cap: int = 4096
+
+
+@dataclass
+class FlatDetections:
+    """Detections of a batch, concatenated: row i belongs to image image_index[i]."""
+
+    boxes: Tensor  # [N, 4] resized-image coordinates
+    scores: Tensor  # [N]
+    labels: Tensor  # [N] model label indices (1..num_classes-1)
+    image_index: Tensor  # [N]
+
+
+class RoIHeads(nn.Module):
+    def __init__(
+        self,
+        box_head: nn.Module,
+        box_predictor: nn.Module,
+        mask_head: nn.Module,
+        mask_predictor: nn.Module,
+        settings: DetectionSettings,
+    ) -> None:
+        super().__init__()
+        # Names match torchvision's RoIHeads so checkpoints load unchanged.
+        self.box_head = box_head
+        self.box_predictor = box_predictor
+        self.mask_head = mask_head
+        self.mask_predictor = mask_predictor
+        self.settings = settings
+
+    def detect(
+        self, features: list[Tensor], scales: list[float], proposals: Tensor, proposal_valid: Tensor, image_sizes: Tensor
+    ) -> FlatDetections:
+        batch, num_proposals = proposals.shape[:2]
+        batch_index = torch.arange(batch, device=proposals.device).repeat_interleave(num_proposals)
+        pooled = multilevel_roi_align(features, proposals.reshape(-1, 4), batch_index, scales, BOX_POOL_SIZE, SAMPLING_RATIO)
+        class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
+        num_classes = class_logits.shape[-1]
+        boxes = decode_boxes(box_deltas.float(), proposals.reshape(-1, 4), ROI_BOX_WEIGHTS)
+        boxes = clip_boxes(boxes.view(batch, -1, num_classes, 4), image_sizes)[:, :, 1:]  # drop background
+        scores = torch.softmax(class_logits.float(), -1).view(batch, -1, num_classes)[:, :, 1:]
+        labels = torch.arange(1, num_classes, device=boxes.device).expand(num_proposals, -1)
+        # Candidates in torchvision's order: proposal-major, class-minor.
+        boxes, scores, labels = boxes.reshape(batch, -1, 4), scores.reshape(batch, -1), labels.reshape(-1)
+        s = self.settings
+        candidate = (scores > s.score_threshold) & large_enough(boxes, s.min_size)
+        candidate &= proposal_valid.repeat_interleave(num_classes - 1, dim=1)
+        scores = torch.where(candidate, scores, torch.full_like(scores, -1.0))
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        if scores.is_cuda:
+            count = min(s.cuda_candidate_cap, order.shape[1])
+        else:
+            count = int(candidate.sum(1).max())  # exact; a host read is free on the CPU
+        order = order[:, :count]
+        sorted_scores = scores.gather(1, order)
+        sorted_boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+        sorted_labels = labels[order]
+        keep = nms_padded(sorted_boxes, sorted_scores > s.score_threshold, sorted_labels, s.nms_threshold)
+        keep &= torch.cumsum(keep, dim=1) <= s.max_detections
+        # Compacting to the kept detections is the one host sync of the forward pass: the mask
+        # stage's size depends on how many survive, and running it on padding would waste the
+        # work that the score threshold saves.
+        rows, cols = torch.nonzero(keep, as_tuple=True)
+        return FlatDetections(
+            boxes=sorted_boxes[rows, cols], scores=sorted_scores[rows, cols], labels=sorted_labels[rows, cols], image_index=rows
+        )
+
+    def mask_probabilities(self, features: list[Tensor], scales: list[float], detections: FlatDetections) -> Tensor:
+        """Sigmoid mask [N, 28, 28] of each detection for its own class."""
+        if detections.boxes.shape[0] == 0:
+            return detections.boxes.new_zeros((0, 2 * MASK_POOL_SIZE, 2 * MASK_POOL_SIZE))
+        pooled = multilevel_roi_align(
+            features, detections.boxes, detections.image_index, scales, MASK_POOL_SIZE, SAMPLING_RATIO
+        )
+        logits = self.mask_predictor(self.mask_head(pooled))
+        index = detections.labels.view(-1, 1, 1, 1).expand(-1, 1, *logits.shape[-2:])
+        return torch.sigmoid(logits.gather(1, index)[:, 0].float())

@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+COCO_TINY_VAL = SHARED_DATA / "coco_tiny" / "images" / "val2017"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_threads():
+    # Two cores on CI: keep torch from oversubscribing them.
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is missing (../shared/data is expected beside the project)")
+    return path

@@ -1,0 +1,83 @@
+"""The batched building blocks against the torchvision functions they replace."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+
+from segcli.model.preprocess import IMAGE_MEAN, IMAGE_STD, ResizePolicy, prepare_batch
+from segcli.ops.paste_masks import paste_masks_transposed
+from segcli.ops.roi_align import level_scales, multilevel_roi_align
+
+
+def random_boxes(n: int, height: int, width: int, g: torch.Generator) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([width, height])
+    wh = torch.rand(n, 2, generator=g) * 90 + 0.3
+    boxes = torch.cat([xy, xy + wh], 1)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    return boxes
+
+
+def test_paste_masks_equals_torchvision():
+    g = torch.Generator().manual_seed(0)
+    height, width = 123, 157
+    masks = torch.rand(60, 28, 28, generator=g)
+    boxes = random_boxes(60, height, width, g)
+    boxes[0] = torch.tensor([0.0, 0.0, 3.0, 2.0])  # tiny, at the corner
+    boxes[1] = torch.tensor([100.0, 100.0, 100.2, 100.1])  # sub-pixel
+    boxes[2] = torch.tensor([0.0, 0.0, float(width), float(height)])  # whole image
+    expected = paste_masks_in_image(masks[:, None], boxes, (height, width))[:, 0]
+    probs = paste_masks_transposed(masks, boxes, height, width, threshold=None).transpose(1, 2)
+    assert (probs - expected).abs().max() < 1e-5
+    binary = paste_masks_transposed(masks, boxes, height, width).transpose(1, 2)
+    assert binary.dtype == torch.bool
+    assert torch.equal(binary, expected > 0.5)
+
+
+def test_paste_masks_chunks_bound_memory(monkeypatch):
+    import segcli.ops.paste_masks as module
+
+    g = torch.Generator().manual_seed(1)
+    masks, boxes = torch.rand(9, 28, 28, generator=g), random_boxes(9, 50, 60, g)
+    whole = paste_masks_transposed(masks, boxes, 50, 60, threshold=None)
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 50 * 60 * 2)  # two masks per chunk
+    assert torch.equal(paste_masks_transposed(masks, boxes, 50, 60, threshold=None), whole)
+
+
+def test_paste_masks_layout_is_fortran_ready():
+    masks = paste_masks_transposed(torch.rand(3, 28, 28), torch.tensor([[1.0, 2.0, 30.0, 20.0]] * 3), 40, 50)
+    array = masks.numpy().transpose(2, 1, 0)  # [H, W, N]
+    assert array.shape == (40, 50, 3) and array.flags["F_CONTIGUOUS"]
+
+
+def test_preprocess_matches_torchvision_transform_for_mixed_sizes():
+    g = torch.Generator().manual_seed(0)
+    sizes = [(480, 640), (427, 640), (300, 301)]
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+    reference = GeneralizedRCNNTransform(800, 1333, list(IMAGE_MEAN), list(IMAGE_STD)).eval()
+    expected, _ = reference([im.float() / 255 for im in images])
+    batch = torch.zeros(3, 480, 640, 3, dtype=torch.uint8)
+    for i, im in enumerate(images):
+        batch[i, : im.shape[1], : im.shape[2]] = im.permute(1, 2, 0)
+    prepared = prepare_batch(batch, sizes, ResizePolicy(800, 1333))
+    assert prepared.resized_sizes == [tuple(s) for s in expected.image_sizes]
+    assert prepared.tensor.shape == expected.tensors.shape
+    assert (prepared.tensor - expected.tensors).abs().max() < 1e-5
+    same = prepare_batch(batch[:1], sizes[:1], ResizePolicy(800, 1333))  # uniform sizes: exact
+    assert torch.equal(same.tensor, expected.tensors[:1, :, :, : same.tensor.shape[-1]])
+
+
+def test_multilevel_roi_align_equals_torchvision_multiscale():
+    g = torch.Generator().manual_seed(0)
+    padded = (256, 320)
+    features = [torch.randn(2, 8, padded[0] // s, padded[1] // s, generator=g) for s in (4, 8, 16, 32)]
+    boxes = [random_boxes(40, 250, 300, g) * 2.5, random_boxes(30, 250, 300, g)]
+    reference = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    expected = reference({str(i): f for i, f in enumerate(features)}, boxes, [(250, 300), (240, 310)])
+    flat = torch.cat(boxes)
+    batch_index = torch.cat([torch.zeros(40, dtype=torch.int64), torch.ones(30, dtype=torch.int64)])
+    got = multilevel_roi_align(features, flat, batch_index, level_scales(features, padded), 7, 2)
+    assert (got - expected).abs().max() < 1e-6

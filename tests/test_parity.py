@@ -1,0 +1,75 @@
+"""segcli and torchvision, same state dict, same real photos: the same detections.
+
+Contract (issue: the Mask R-CNN core): at batch size 1, at least 98% of detections match with the
+same label, box corners within 0.5 px, score within 1e-3 and mask IoU >= 0.98.
+
+Weights are seeded random (no download). The classifier is scaled so that scores spread above the
+thresholds instead of all sitting near 1/91 (unscaled) or tying at 1.0 (scaled too far), and the
+mask logits are scaled down so masks are not all ~0/1 steps; both keep the comparison meaningful.
+The torchvision v1 model is built the way torchvision builds its trained one (frozen BatchNorm).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import resnet50
+from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
+from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops import FrozenBatchNorm2d
+
+from segcli.model.build import build_model
+from segcli.model.parity import compare_detections
+from tests.conftest import COCO_TINY_VAL, require
+
+CLASSIFIER_SCALE = {"maskrcnn_resnet50_fpn": 2.0, "maskrcnn_resnet50_fpn_v2": 1.0}
+MASK_LOGIT_SCALE = 0.5
+
+
+def torchvision_model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if arch == "maskrcnn_resnet50_fpn":
+        backbone = _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3)
+        return TorchvisionMaskRCNN(backbone, num_classes=91).eval()
+    return maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None).eval()
+
+
+@pytest.fixture(scope="module", params=list(CLASSIFIER_SCALE))
+def model_pair(request):
+    arch = request.param
+    reference = torchvision_model(arch)
+    state = reference.state_dict()
+    state["roi_heads.box_predictor.cls_score.weight"] *= CLASSIFIER_SCALE[arch]
+    state["roi_heads.mask_predictor.mask_fcn_logits.weight"] *= MASK_LOGIT_SCALE
+    reference.load_state_dict(state)
+    ours = build_model(arch, 91).eval()
+    ours.load_state_dict(state)  # strict: torchvision's keys load unchanged
+    return arch, reference, ours
+
+
+def test_detections_match_torchvision_on_real_photos(model_pair):
+    arch, reference, ours = model_pair
+    photos = sorted(require(COCO_TINY_VAL).glob("*.jpg"))
+    assert photos
+    matched = total = 0
+    scores = []
+    for path in photos:
+        image = np.array(Image.open(path).convert("RGB"))
+        with torch.inference_mode():
+            expected = reference([torch.from_numpy(image).permute(2, 0, 1).float() / 255])[0]
+        got = ours(torch.from_numpy(image)[None], [image.shape[:2]])
+        report = compare_detections(
+            expected["boxes"], expected["scores"], expected["labels"], expected["masks"][:, 0] > 0.5,
+            got.boxes, got.scores, got.labels, got.paste_masks(0).transpose(1, 2),
+        )
+        print(path.name, report)
+        matched += report.matched
+        total += max(report.reference_count, report.candidate_count)
+        scores.append(expected["scores"])
+    scores = torch.cat(scores)
+    assert total > 100, "too few detections to compare"
+    assert scores.max() < 1.0 and scores.std() > 1e-3, "scores tie; the comparison would be arbitrary"
+    assert matched / total >= 0.98, f"{arch}: {matched}/{total} detections match"
