@@ -75,6 +75,14 @@ def test_multilevel_roi_align_equals_torchvision_multiscale():
     padded = (256, 320)
     features = [torch.randn(2, 8, padded[0] // s, padded[1] // s, generator=g) for s in (4, 8, 16, 32)]
     boxes = [random_boxes(40, 250, 300, g) * 2.5, random_boxes(30, 250, 300, g)]
+    edge_cases = torch.tensor([
+        [10.0, 10.0, 10.0, 10.0],  # a point
+        [-50.0, -40.0, -5.0, -3.0],  # wholly outside, above-left
+        [290.0, 240.0, 400.0, 300.0],  # past the bottom-right edge
+        [0.0, 0.0, 320.0, 256.0],  # the whole padded input
+        [100.0, 20.0, 100.4, 200.0],  # thinner than a pixel
+    ])
+    boxes[1][: len(edge_cases)] = edge_cases
     reference = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
     expected = reference({str(i): f for i, f in enumerate(features)}, boxes, [(250, 300), (240, 310)])
     flat = torch.cat(boxes)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import roi_align as tv_roi_align
+from torch.nn import functional as F
 
 CANONICAL_SCALE = 224.0
 CANONICAL_LEVEL = 4.0
@@ -33,6 +33,76 @@ def assign_levels(boxes: Tensor, first_level: int, last_level: int) -> Tensor:
 def level_scales(features: Sequence[Tensor], padded_size: tuple[int, int]) -> list[float]:
     """Spatial scale of each level: the power of two nearest to feature size / input size."""
     return [2.0 ** round(math.log2(f.shape[-2] / padded_size[0])) for f in features]
+
+
+def _sample_points(boxes: Tensor, scale: Tensor, height: Tensor, width: Tensor, output_size: int, sampling_ratio: int):
+    """Bilinear taps of torchvision's RoIAlign (aligned=False): per RoI, bin and sample, the
+    four (y, x) neighbours and their weights, with torchvision's edge rules.
+
+    Returns y [R, P*S, 4], x [R, P*S, 4] (int64) and weights [R, P*S, 4] (already divided by the
+    sample count), where P = output_size**2 bins and S = sampling_ratio**2 samples per bin.
+    """
+    device = boxes.device
+    start = boxes[:, :2] * scale[:, None]  # (x, y)
+    size = ((boxes[:, 2:] - boxes[:, :2]) * scale[:, None]).clamp(min=1.0)
+    bin_size = size / output_size
+    grid = torch.arange(output_size, device=device, dtype=torch.float32)
+    sub = (torch.arange(sampling_ratio, device=device, dtype=torch.float32) + 0.5) / sampling_ratio
+    # Coordinates along one axis: [R, output_size, sampling_ratio].
+    ys = start[:, 1, None, None] + grid[None, :, None] * bin_size[:, 1, None, None] + sub[None, None, :] * bin_size[:, 1, None, None]
+    xs = start[:, 0, None, None] + grid[None, :, None] * bin_size[:, 0, None, None] + sub[None, None, :] * bin_size[:, 0, None, None]
+    y_low, y_high, ly, y_ok = _axis_taps(ys, height[:, None, None])
+    x_low, x_high, lx, x_ok = _axis_taps(xs, width[:, None, None])
+    r = boxes.shape[0]
+    # Broadcast to [R, oh, sh, ow, sw] then flatten to bins-major, samples-minor order.
+    def grid2(a, b):
+        return a[:, :, :, None, None], b[:, None, None, :, :]
+    yl, xl = grid2(y_low, x_low)
+    yh, xh = grid2(y_high, x_high)
+    wy_l, wx_l = grid2(1.0 - ly, 1.0 - lx)
+    wy_h, wx_h = grid2(ly, lx)
+    ok_y, ok_x = grid2(y_ok, x_ok)
+    ok = (ok_y & ok_x).to(torch.float32) / (sampling_ratio * sampling_ratio)
+    full = (r, output_size, sampling_ratio, output_size, sampling_ratio)
+    ys4 = torch.stack([yl.expand(full), yl.expand(full), yh.expand(full), yh.expand(full)], dim=-1)
+    xs4 = torch.stack([xl.expand(full), xh.expand(full), xl.expand(full), xh.expand(full)], dim=-1)
+    ws4 = torch.stack([wy_l * wx_l, wy_l * wx_h, wy_h * wx_l, wy_h * wx_h], dim=-1) * ok[..., None]
+    order = (0, 1, 3, 2, 4, 5)  # [R, oh, ow, sh, sw, 4]
+    shape = (r, output_size * output_size, sampling_ratio * sampling_ratio * 4)
+    return (ys4.permute(order).reshape(shape), xs4.permute(order).reshape(shape), ws4.permute(order).reshape(shape))
+
+
+def _axis_taps(coord: Tensor, length: Tensor):
+    """torchvision's bilinear_interpolate along one axis: low/high index, fraction, in-range flag."""
+    length_f = length.to(torch.float32)
+    inside = (coord >= -1.0) & (coord <= length_f)
+    coord = coord.clamp(min=0)
+    low = coord.to(torch.int64)
+    at_edge = low >= length - 1
+    low = torch.where(at_edge, length - 1, low)
+    high = torch.where(at_edge, low, low + 1)
+    coord = torch.where(at_edge, low.to(torch.float32), coord)
+    return low, high, coord - low.to(torch.float32), inside
+
+
+def roi_align_gather(
+    features: Sequence[Tensor], boxes: Tensor, batch_index: Tensor, levels: Tensor, scales: Sequence[float],
+    output_size: int, sampling_ratio: int,
+) -> Tensor:
+    """All RoIs of all levels in one weighted gather (`embedding_bag`) over the levels' pixels laid
+    out as rows of channels: [R, C, output_size, output_size] float32."""
+    channels = features[0].shape[1]
+    # One table of every level's pixels, channels last: row = level offset + (n * H + y) * W + x.
+    table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, channels) for f in features]).to(torch.float32)
+    sizes = torch.tensor([f.shape[-2:] for f in features], device=boxes.device)
+    counts = torch.tensor([f.shape[0] * f.shape[2] * f.shape[3] for f in features], device=boxes.device)
+    offsets = torch.cumsum(counts, 0) - counts
+    scale = torch.tensor(list(scales), device=boxes.device, dtype=torch.float32)[levels]
+    height, width = sizes[levels, 0], sizes[levels, 1]
+    ys, xs, weights = _sample_points(boxes.float(), scale, height, width, output_size, sampling_ratio)
+    rows = offsets[levels][:, None, None] + (batch_index[:, None, None] * height[:, None, None] + ys) * width[:, None, None] + xs
+    pooled = F.embedding_bag(rows.reshape(-1, rows.shape[-1]), table, per_sample_weights=weights.reshape(-1, weights.shape[-1]), mode="sum")
+    return pooled.view(boxes.shape[0], output_size, output_size, channels).permute(0, 3, 1, 2).contiguous()
 
 
 def multilevel_roi_align(
@@ -53,11 +123,5 @@ def multilevel_roi_align(
             return roi_align_triton.roi_align_multilevel(
                 features, boxes, batch_index, levels, scales, output_size, sampling_ratio
             )
-    rois = torch.cat([batch_index[:, None].to(boxes.dtype), boxes], dim=1)
-    out = boxes.new_zeros((boxes.shape[0], features[0].shape[1], output_size, output_size))
-    for level, (feature, scale) in enumerate(zip(features, scales)):
-        index = torch.nonzero(levels == level).squeeze(1)
-        if index.numel():
-            pooled = tv_roi_align(feature.float(), rois[index], output_size, scale, sampling_ratio, aligned=False)
-            out[index] = pooled
-    return out
+    with torch.autocast(boxes.device.type, enabled=False):
+        return roi_align_gather(features, boxes, batch_index, levels, scales, output_size, sampling_ratio)
