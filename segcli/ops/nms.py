@@ -5,16 +5,15 @@ Groups are (image, FPN level) for proposals and (image) with class labels for de
 call covers the whole batch. The result is a keep mask of the same shape (fixed shape, so nothing
 here needs to know on the host how many boxes survive).
 
-Exactness: the IoU uses torchvision's float32 formula, and the greedy rule is the same ("keep j
-unless an earlier kept box of its group and class overlaps it by more than the threshold"), so the
-kept set equals `torchvision.ops.batched_nms` run per image.
+Exactness: torchvision's greedy rule ("keep j unless an earlier kept box of its group and class
+overlaps it by more than the threshold") with torchvision's float32 IoU, class by class on the
+boxes' own coordinates, so the kept set equals torchvision's per-class NMS of each image.
 
 Paths:
 - CUDA with Triton: one kernel launch, one program per group, no host sync (`nms_triton`).
-- Otherwise: the suppression matrix, then a fixed-point iteration (Cluster-NMS). Iteration t
-  settles entry t, and a fixed point of the rule is unique, so stopping when nothing changes gives
-  exactly the greedy result; in practice it settles in a handful of iterations. The convergence
-  check is a host sync, which costs nothing on the CPU.
+- Otherwise (the CPU): torchvision's C++ kernel per group and class. It skips boxes already
+  suppressed, which on 2 cores beat a dense IoU matrix by ~10x on 1000-box groups; host syncs
+  cost nothing on a CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision.ops import nms as tv_nms
 
 
 def float32_threshold(iou_threshold: float) -> float:
@@ -33,42 +33,23 @@ def float32_threshold(iou_threshold: float) -> float:
     return float(rounded)
 
 
-def pairwise_iou(boxes: Tensor) -> Tensor:
-    """IoU of every pair within each group: [G, K, 4] -> [G, K, K], torchvision's float32 formula."""
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    area = (x2 - x1) * (y2 - y1)
-    w = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :])).clamp_(min=0)
-    h = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :])).clamp_(min=0)
-    inter = w * h
-    return inter / (area[:, :, None] + area[:, None, :] - inter)
-
-
-def nms_padded_reference(boxes: Tensor, valid: Tensor, labels: Tensor | None, iou_threshold: float) -> Tensor:
-    """Pure-torch greedy NMS over sorted padded groups; see the module docstring."""
-    groups, k, _ = boxes.shape
-    if k == 0:
-        return valid.clone()
-    # suppresses[g, i, j]: an earlier box i would suppress a later box j if i is kept.
-    suppresses = pairwise_iou(boxes.float()) > float32_threshold(iou_threshold)
-    suppresses &= torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu_(1)
-    suppresses &= valid[:, :, None] & valid[:, None, :]
-    if labels is not None:
-        suppresses &= labels[:, :, None] == labels[:, None, :]
-    weights = suppresses.to(torch.float32)
-    keep = valid.clone()
-    with torch.autocast(boxes.device.type, enabled=False):
-        keep = _settle(keep, valid, weights, k)
-    return keep
-
-
-def _settle(keep: Tensor, valid: Tensor, weights: Tensor, k: int) -> Tensor:
-    for _ in range(k):
-        # bmm counts kept suppressors of each box; float32 counts are exact up to 2**24.
-        hit = torch.bmm(keep.to(torch.float32)[:, None, :], weights)[:, 0, :] > 0
-        new_keep = valid & ~hit
-        if torch.equal(new_keep, keep):
-            break
-        keep = new_keep
+def nms_padded_per_group(boxes: Tensor, valid: Tensor, labels: Tensor | None, iou_threshold: float) -> Tensor:
+    """torchvision's C++ NMS once per group (and class): exact, and fast on a CPU because the
+    kernel skips boxes already suppressed, which a dense IoU matrix cannot."""
+    keep = torch.zeros_like(valid)
+    # Entries are sorted already; a descending ramp as scores makes the kernel keep that order.
+    ramp = torch.arange(boxes.shape[1], 0, -1, dtype=torch.float32, device=boxes.device)
+    for group in range(boxes.shape[0]):  # images x levels, or images; never detections
+        index = torch.nonzero(valid[group]).squeeze(1)
+        if labels is None:
+            subsets = [index]
+        else:
+            group_labels = labels[group, index]
+            subsets = [index[group_labels == label] for label in torch.unique(group_labels)]
+        for subset in subsets:
+            if subset.numel():
+                kept = tv_nms(boxes[group, subset].float(), ramp[subset], iou_threshold)
+                keep[group, subset[kept]] = True
     return keep
 
 
@@ -79,4 +60,4 @@ def nms_padded(boxes: Tensor, valid: Tensor, labels: Tensor | None, iou_threshol
 
         if nms_triton.AVAILABLE:
             return nms_triton.nms_padded(boxes.float(), valid, labels, iou_threshold)
-    return nms_padded_reference(boxes, valid, labels, iou_threshold)
+    return nms_padded_per_group(boxes, valid, labels, iou_threshold)
