@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from segcli.model.boxes import clip_boxes, decode_boxes, large_enough
 from segcli.ops.nms import nms_padded
@@ -60,6 +61,12 @@ class RoIHeads(nn.Module):
         self.mask_head = mask_head
         self.mask_predictor = mask_predictor
         self.settings = settings
+        # Labels the checkpoint maps to no category (COCO's unused ids) are never reported.
+        self.register_buffer("allowed_labels", None, persistent=False)
+
+    def restrict_labels(self, allowed: list[bool]) -> None:
+        """Report only labels whose flag is set (index = model label, 0 = background)."""
+        self.allowed_labels = torch.tensor(allowed[1:], dtype=torch.bool, device=self.box_predictor.cls_score.weight.device)
 
     def detect(
         self, features: list[Tensor], scales: list[float], proposals: Tensor, proposal_valid: Tensor, image_sizes: Tensor
@@ -67,7 +74,9 @@ class RoIHeads(nn.Module):
         batch, num_proposals = proposals.shape[:2]
         batch_index = torch.arange(batch, device=proposals.device).repeat_interleave(num_proposals)
         pooled = multilevel_roi_align(features, proposals.reshape(-1, 4), batch_index, scales, BOX_POOL_SIZE, SAMPLING_RATIO)
-        class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
+        hidden = self.box_head(pooled)
+        with torch.autocast(hidden.device.type, enabled=False):  # scores and deltas in float32
+            class_logits, box_deltas = self.box_predictor(hidden.float())
         num_classes = class_logits.shape[-1]
         boxes = decode_boxes(box_deltas.float(), proposals.reshape(-1, 4), ROI_BOX_WEIGHTS)
         boxes = clip_boxes(boxes.view(batch, -1, num_classes, 4), image_sizes)[:, :, 1:]  # drop background
@@ -78,6 +87,8 @@ class RoIHeads(nn.Module):
         s = self.settings
         candidate = (scores > s.score_threshold) & large_enough(boxes, s.min_size)
         candidate &= proposal_valid.repeat_interleave(num_classes - 1, dim=1)
+        if self.allowed_labels is not None:
+            candidate &= self.allowed_labels.repeat(num_proposals)[None, :]
         scores = torch.where(candidate, scores, torch.full_like(scores, -1.0))
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices
         if scores.is_cuda:
@@ -105,6 +116,8 @@ class RoIHeads(nn.Module):
         pooled = multilevel_roi_align(
             features, detections.boxes, detections.image_index, scales, MASK_POOL_SIZE, SAMPLING_RATIO
         )
-        logits = self.mask_predictor(self.mask_head(pooled))
+        hidden = F.relu(self.mask_predictor.conv5_mask(self.mask_head(pooled)))
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = self.mask_predictor.mask_fcn_logits(hidden.float())
         index = detections.labels.view(-1, 1, 1, 1).expand(-1, 1, *logits.shape[-2:])
         return torch.sigmoid(logits.gather(1, index)[:, 0].float())

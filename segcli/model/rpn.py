@@ -48,8 +48,20 @@ class RegionProposalNetwork(nn.Module):
         self.anchor_generator = anchor_generator
         self.settings = settings
 
+    def head_outputs(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The head's 3x3 convs run in the model's precision; its two 1x1 output layers in float32,
+        because top-k over ~100k bf16 logits (8-bit mantissa) would be decided by ties."""
+        objectness, deltas = [], []
+        for feature in features:
+            hidden = self.head.conv(feature)
+            with torch.autocast(hidden.device.type, enabled=False):
+                hidden = hidden.float()
+                objectness.append(self.head.cls_logits(hidden))
+                deltas.append(self.head.bbox_pred(hidden))
+        return objectness, deltas
+
     def forward(self, features: list[Tensor], padded_size: tuple[int, int], image_sizes: Tensor) -> Proposals:
-        objectness, deltas = self.head(features)
+        objectness, deltas = self.head_outputs(features)
         anchors = self.anchor_generator(padded_size, [tuple(f.shape[-2:]) for f in features], features[0].device)
         s = self.settings
         batch = features[0].shape[0]
