@@ -11,13 +11,14 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from segcli.errors import UsageError
+from segcli.errors import UsageError, WeightsError
 from segcli.model.anchors import AnchorGenerator
 from segcli.model.arch import ARCHS, ArchSpec
 from segcli.model.maskrcnn import MaskRCNN
 from segcli.model.preprocess import ResizePolicy
 from segcli.model.roi_heads import DetectionSettings, RoIHeads
 from segcli.model.rpn import RegionProposalNetwork, RPNSettings
+from segcli.weights import Checkpoint
 
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
@@ -69,3 +70,18 @@ def build_model(
         roi_heads=roi_heads,
         resize=ResizePolicy(spec.min_size, spec.max_size),
     )
+
+
+def model_from_checkpoint(checkpoint: Checkpoint, detection: DetectionSettings | None = None) -> MaskRCNN:
+    """Build the checkpoint's architecture and load its weights; a mismatch is a WeightsError."""
+    model = build_model(checkpoint.arch, len(checkpoint.label_to_category_id), detection)
+    try:
+        model.load_state_dict(checkpoint.state_dict)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) or first[0]
+        raise WeightsError(
+            f"{checkpoint.source or 'the checkpoint'} does not fit architecture {checkpoint.arch} "
+            f"(pass the right --arch?): {detail[:300]}"
+        ) from None
+    return model.eval()

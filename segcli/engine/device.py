@@ -1,0 +1,57 @@
+"""Where and in what precision the model runs: `--device` and `--precision` resolved once."""
+
+from __future__ import annotations
+
+import torch
+
+from segcli.errors import UsageError
+from segcli.model.fuse import fold_batchnorm
+from segcli.model.maskrcnn import PRECISIONS, MaskRCNN
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` -> the first GPU if there is one, else the CPU; `cpu`, `cuda`, `cuda:N` as given."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) present")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX-512 BF16: bfloat16 convolutions run several times faster than float32."""
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(spec: str, device: torch.device) -> str:
+    """`auto` -> bf16 where the hardware runs it fast (CUDA with bf16, AMX/AVX-512 CPUs), else fp32."""
+    if spec != "auto":
+        if spec not in PRECISIONS:
+            raise UsageError(f"--precision {spec!r}: choose auto, {', '.join(PRECISIONS)}")
+        if spec == "fp16" and device.type == "cpu":
+            raise UsageError("--precision fp16 is for GPUs; on a CPU use bf16 or fp32")
+        return spec
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def prepare_for_inference(model: MaskRCNN, device: torch.device, precision: str) -> MaskRCNN:
+    """Move the model, fold its BatchNorms, set its precision, and use channels_last (faster
+    convolutions on CPU and GPU)."""
+    model = model.to(device).eval()
+    fold_batchnorm(model)
+    model.precision = precision
+    if precision != "fp32" or device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
