@@ -98,10 +98,23 @@ class Predictor:
         return cls(model, checkpoint, torch_device)
 
     def predict(self, decoded: list[Decoded]) -> list[ImagePrediction]:
-        images = [d.image for d in decoded]
-        batch, sizes = collate(images, pin=self.device.type == "cuda")
-        detections = self.model(batch.to(self.device, non_blocking=True), sizes)
-        return [self._image_result(detections, i, d.item) for i, d in enumerate(decoded)]
+        """Predict a batch, run as sub-batches of images with the same padded network input size.
+
+        Padding an image further than it would be alone changes the features near its bottom and
+        right edges (activations over padding are not zero), so results would depend on which
+        images share a batch. Grouping by padded size makes every image's result the same as when
+        it runs alone, whatever the batch size; folders of same-sized photos still batch fully.
+        """
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, item in enumerate(decoded):
+            groups.setdefault(self.model.padded_input_size(*item.image.shape[:2]), []).append(index)
+        results: list[ImagePrediction | None] = [None] * len(decoded)
+        for indices in groups.values():
+            batch, sizes = collate([decoded[i].image for i in indices], pin=self.device.type == "cuda")
+            detections = self.model(batch.to(self.device, non_blocking=True), sizes)
+            for position, index in enumerate(indices):
+                results[index] = self._image_result(detections, position, decoded[index].item)
+        return results
 
     def _image_result(self, detections: Detections, index: int, item: InputItem) -> ImagePrediction:
         rows = detections.rows(index)

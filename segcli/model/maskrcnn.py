@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from segcli.model.preprocess import PreparedBatch, ResizePolicy, prepare_batch
+from segcli.model.preprocess import PreparedBatch, ResizePolicy, padded_size, prepare_batch
 from segcli.model.roi_heads import FlatDetections, RoIHeads
 from segcli.model.rpn import RegionProposalNetwork
 from segcli.ops.paste_masks import paste_masks_transposed
@@ -84,6 +84,10 @@ class MaskRCNN(nn.Module):
             image_index=flat.image_index,
             image_sizes=batch.original_sizes,
         )
+
+    def padded_input_size(self, height: int, width: int) -> tuple[int, int]:
+        """Network input size of an image of this size when it runs alone."""
+        return padded_size(*self.resize.output_size(height, width))
 
     @staticmethod
     def to_original(flat: FlatDetections, batch: PreparedBatch) -> Tensor:

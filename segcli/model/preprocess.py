@@ -58,8 +58,9 @@ def bilinear_matrix(in_sizes: Tensor, out_sizes: Tensor, in_len: int, out_len: i
     return weights
 
 
-def _padded(length: int) -> int:
-    return int(math.ceil(length / SIZE_DIVISIBLE) * SIZE_DIVISIBLE)
+def padded_size(height: int, width: int) -> tuple[int, int]:
+    """Round a resized size up to the multiple of 32 the backbone's strides need."""
+    return tuple(int(math.ceil(n / SIZE_DIVISIBLE) * SIZE_DIVISIBLE) for n in (height, width))
 
 
 def prepare_batch(images: Tensor, sizes: list[tuple[int, int]], policy: ResizePolicy) -> PreparedBatch:
@@ -81,6 +82,7 @@ def prepare_batch(images: Tensor, sizes: list[tuple[int, int]], policy: ResizePo
             wy = bilinear_matrix(in_t[:, 0], res_t[:, 0], x.shape[2], out_h)
             wx = bilinear_matrix(in_t[:, 1], res_t[:, 1], x.shape[3], out_w)
             x = torch.matmul(torch.matmul(wy[:, None], x), wx[:, None].transpose(-1, -2))
-    pad_h, pad_w = _padded(out_h) - x.shape[2], _padded(out_w) - x.shape[3]
+    target_h, target_w = padded_size(out_h, out_w)
+    pad_h, pad_w = target_h - x.shape[2], target_w - x.shape[3]
     x = F.pad(x, (0, pad_w, 0, pad_h))
     return PreparedBatch(tensor=x, resized_sizes=out_sizes, original_sizes=list(sizes))

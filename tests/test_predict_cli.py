@@ -1,0 +1,207 @@
+"""`segcli predict` end to end: real photos in, a COCO file pycocotools loads out; bad input and
+bad usage give one line and the documented exit code."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+from segcli.categories import coco_categories, coco_label_to_category_id
+from segcli.data.images import read_image
+from segcli.engine.predict import PredictOptions, Predictor, run_predict
+from segcli.model.build import build_model
+from segcli.model.parity import compare_detections
+from segcli.weights import save_checkpoint
+from tests.conftest import COCO_TINY_VAL, require
+
+ARCH = "maskrcnn_resnet18_fpn_small"
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """Seeded small model whose classifier is scaled so that random weights yield detections."""
+    torch.manual_seed(0)
+    state = build_model(ARCH, 91).state_dict()
+    state["roi_heads.box_predictor.cls_score.weight"] *= 3.0
+    path = tmp_path_factory.mktemp("weights") / "small.pt"
+    save_checkpoint(path, state, ARCH, coco_categories(), coco_label_to_category_id(), {"seed": 0})
+    return path
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Path]:
+    return sorted(require(COCO_TINY_VAL).glob("*.jpg"))
+
+
+def segcli(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "segcli", *args], input=stdin, capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def test_folder_to_coco_file_that_pycocotools_loads(checkpoint, tmp_path):
+    source = require(COCO_TINY_VAL)
+    out = tmp_path / "preds.json"
+    result = segcli("predict", str(source), "--weights", str(checkpoint), "--out", str(out), "--score-thr", "0.05")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""  # data goes to the file; stdout stays clean
+    assert "6 images" in result.stderr
+    coco = COCO(str(out))
+    names = sorted(image["file_name"] for image in coco.dataset["images"])
+    assert names == sorted(p.name for p in source.glob("*.jpg"))  # relative to the SOURCE folder
+    assert {c["id"] for c in coco.dataset["categories"]} == {c["id"] for c in coco_categories()}
+    anns = coco.dataset["annotations"]
+    assert anns and len({a["id"] for a in anns}) == len(anns)
+    for ann in anns[:50]:
+        assert isinstance(ann["segmentation"]["counts"], str) and ann["iscrowd"] == 0
+        assert ann["score"] > 0.05 and ann["area"] > 0
+        image = coco.imgs[ann["image_id"]]
+        assert ann["segmentation"]["size"] == [image["height"], image["width"]]
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x <= x + w <= image["width"] + 0.01 and 0 <= y <= y + h <= image["height"] + 0.01
+        mask = coco.annToMask(ann)  # decodes
+        assert mask.shape == (image["height"], image["width"])
+    per_image = {}
+    for ann in anns:
+        per_image[ann["image_id"]] = per_image.get(ann["image_id"], 0) + 1
+    assert max(per_image.values()) <= 100
+
+
+def test_results_format_loads_with_loadres(checkpoint, tmp_path, photos):
+    out = tmp_path / "results.json"
+    result = segcli("predict", *map(str, photos[:2]), "--weights", str(checkpoint), "--out", str(out),
+                    "--format", "coco-results", "--score-thr", "0.05", "--max-det", "7")
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    assert isinstance(results, list) and results
+    assert {r["image_id"] for r in results} <= {1, 2}
+    ground_truth = COCO()
+    ground_truth.dataset = {"images": [{"id": 1, "height": 480, "width": 640}, {"id": 2, "height": 480, "width": 640}],
+                            "annotations": [], "categories": coco_categories()}
+    ground_truth.createIndex()
+    ground_truth.loadRes(str(out))
+    counts = np.bincount([r["image_id"] for r in results])
+    assert counts.max() <= 7
+
+
+def test_bad_inputs_are_skipped_with_one_line_each_and_exit_code_1(checkpoint, tmp_path, photos):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(photos[0], folder / "good.jpg")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("not a picture")
+    (folder / "truncated.jpg").write_bytes(photos[1].read_bytes()[:2000])
+    out = tmp_path / "out.json"
+    result = segcli("predict", str(folder), "--weights", str(checkpoint), "--out", str(out))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3
+    for name in ("empty.jpg", "text.jpg", "truncated.jpg"):
+        assert sum(name in line for line in warnings) == 1
+    assert "3 inputs failed" in result.stderr
+    assert [image["file_name"] for image in json.loads(out.read_text())["images"]] == ["good.jpg"]
+
+
+@pytest.mark.parametrize(
+    "args, code, words",
+    [
+        (["predict", "no/such/folder"], 2, "does not exist"),
+        (["predict", "{photo}", "--weights", "no_such_weights.pt"], 3, "--weights"),
+        (["predict", "{photo}", "--weights", "{checkpoint}", "--device", "tpu"], 2, "--device"),
+        (["predict", "{photo}", "--weights", "{checkpoint}", "--score-thr", "2"], 2, "--score-thr"),
+        (["predict", "{photo}", "--weights", "{checkpoint}", "--format", "xml"], 2, "--format"),
+        (["predict", "{photo}", "--no-such-flag"], 2, "no-such-flag"),
+    ],
+)
+def test_usage_and_weights_errors_are_one_line(args, code, words, checkpoint, photos, tmp_path):
+    out = tmp_path / "keep.json"
+    out.write_text("previous")
+    args = [a.format(photo=photos[0], checkpoint=checkpoint) for a in args] + ["--out", str(out)]
+    result = segcli(*args)
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    assert words in result.stderr
+    assert out.read_text() == "previous"  # a failed run leaves the old output alone
+    if code != 2 or "no-such-flag" not in words:
+        assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_paths_on_stdin_and_json_on_stdout(checkpoint, photos):
+    listing = "\n".join(str(p) for p in photos[:2]) + "\n"
+    result = segcli("predict", "-", "--weights", str(checkpoint), "--quiet", stdin=listing)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # --quiet
+    data = json.loads(result.stdout)
+    assert [image["file_name"] for image in data["images"]] == [str(p) for p in photos[:2]]
+
+
+def test_batches_of_mixed_sizes_give_the_same_detections_as_one_by_one(checkpoint, photos):
+    # 640x480, 640x427 and 500x375 photos, plus a 640x478 crop that shares the 640x480 photo's
+    # padded input size and so goes through the batched mixed-size resize with it.
+    chosen = [p for p in photos if p.name in {"000000444010.jpg", "000000565004.jpg", "000000547503.jpg"}]
+    predictor = Predictor.load(str(checkpoint), None, "cpu", "fp32", 0.05, 100, progress=False)
+    from segcli.data.decode import Decoded, decode_item
+    from segcli.data.sources import InputItem
+
+    decoded = [decode_item(InputItem(p, p.name), i) for i, p in enumerate(chosen)]
+    crop = np.ascontiguousarray(decoded[0].image[:478])
+    decoded.append(Decoded(InputItem(chosen[0], "crop.jpg"), 3, crop, None))
+    assert predictor.model.padded_input_size(480, 640) == predictor.model.padded_input_size(478, 640)
+    together = predictor.predict(decoded)
+    assert [r.item.file_name for r in together] == [d.item.file_name for d in decoded]  # input order kept
+    for one, item in zip(together, decoded):
+        alone = predictor.predict([item])[0]
+        assert len(alone.scores) > 10
+        report = compare_detections(*as_tensors(alone), *as_tensors(one))
+        assert report.fraction >= 0.98, report
+
+
+def as_tensors(prediction):
+    from pycocotools import mask as mask_utils
+
+    masks = mask_utils.decode(prediction.rles).transpose(2, 0, 1).astype(bool) if prediction.rles else np.zeros((0, 1, 1), bool)
+    return (torch.from_numpy(prediction.boxes), torch.from_numpy(prediction.scores),
+            torch.from_numpy(prediction.category_ids), torch.from_numpy(masks))
+
+
+def test_score_threshold_is_applied_before_masks(checkpoint, photos):
+    from segcli.data.decode import Decoded
+    from segcli.data.sources import InputItem
+
+    image = read_image(photos[0])
+    decoded = [Decoded(InputItem(photos[0], photos[0].name), 0, image, None)]
+    low = Predictor.load(str(checkpoint), None, "cpu", "fp32", 0.05, 100, progress=False)
+    everything = low.predict(decoded)[0]
+    threshold = float(np.median(everything.scores))
+    high = Predictor.load(str(checkpoint), None, "cpu", "fp32", threshold, 100, progress=False)
+    above = high.predict(decoded)[0]
+    # The detections above the threshold are exactly those of 0.05-then-filter, masks included.
+    keep = everything.scores > threshold
+    assert 0 < keep.sum() < len(keep)
+    assert np.array_equal(everything.category_ids[keep], above.category_ids)
+    assert np.allclose(everything.boxes[keep], above.boxes)
+    assert [r["counts"] for r, k in zip(everything.rles, keep) if k] == [r["counts"] for r in above.rles]
+    # ...and the mask head ran only on those: the detections handed to it are the kept ones.
+    detections = high.model(torch.from_numpy(image)[None], [image.shape[:2]])
+    assert detections.mask_probs.shape[0] == int(keep.sum())
+
+
+def test_run_predict_in_process_reports_failures(checkpoint, tmp_path, photos):
+    missing = tmp_path / "list.txt"
+    missing.write_text(f"{photos[0]}\n{tmp_path / 'vanished.jpg'}\n")
+    stderr = io.StringIO()
+    summary = run_predict(PredictOptions(sources=[str(missing)], out=str(tmp_path / "o.json"), weights=str(checkpoint),
+                                         device="cpu", progress=False), stderr=stderr)
+    assert summary.images == 1 and [Path(f).name for f, _ in summary.failures] == ["vanished.jpg"]
+    assert "vanished.jpg" in stderr.getvalue()
