@@ -18,6 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 COCO_TINY = ROOT.parent / "shared" / "data" / "coco_tiny" / "images"
 
 CLASSIFIER_KEY = "roi_heads.box_predictor.cls_score.weight"
+BOX_DELTAS_KEYS = ("rpn.head.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.weight")
+# Random box-regression layers (RPN and box head) move boxes by exp(large) and leave sub-pixel slivers; a trained one
+# refines its proposals by a few percent. Scaling it down gives boxes of a trained model's shapes.
+BOX_DELTAS_SCALE = 0.01
 
 
 def real_photos(count: int) -> list[Path]:
@@ -61,6 +65,8 @@ def seeded_state_dict(arch: str, photos: list[Path], seed: int = 0, target: floa
 
     torch.manual_seed(seed)
     state = torchvision_model(arch).state_dict()
+    for key in BOX_DELTAS_KEYS:
+        state[key] *= BOX_DELTAS_SCALE
     base = state[CLASSIFIER_KEY].clone()
     model = build_model(arch, base.shape[0], DetectionSettings(score_threshold=0.5))
     model.load_state_dict(state)

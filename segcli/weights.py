@@ -29,8 +29,9 @@ import torch
 from segcli.atomic import atomic_write
 from segcli.categories import coco_categories, coco_label_to_category_id
 from segcli.errors import UsageError, WeightsError
+from segcli.model.arch import ARCHS
 
-KNOWN_ARCHS = ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet18_fpn_small")
+KNOWN_ARCHS = tuple(ARCHS)  # the architectures segcli can build
 CHECKPOINT_FORMAT = "segcli-checkpoint"
 CHECKPOINT_VERSION = 1
 REGISTRY_PATH = Path(__file__).resolve().parent.parent / "weights" / "registry.json"

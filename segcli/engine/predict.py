@@ -165,14 +165,14 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
         raise UsageError(f"--format {options.format!r}: choose one of {', '.join(FORMATS)}")
     if options.batch_size is not None and options.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
+    to_stdout = options.out in (None, "-")
+    if not to_stdout and Path(options.out).is_dir():
+        raise UsageError(f"--out {options.out!r} is a folder; give a file name such as preds.json")
     items = expand_sources(options.sources, stdin=stdin)
     show_progress = (stderr.isatty() and not options.quiet) if options.progress is None else options.progress
     predictor = Predictor.load(options.weights, options.arch, options.device, options.precision,
                                options.score_thr, options.max_det, progress=show_progress)
     batch_size = options.batch_size or (8 if predictor.device.type == "cuda" else 1)
-    to_stdout = options.out in (None, "-")
-    if not to_stdout and Path(options.out).is_dir():
-        raise UsageError(f"--out {options.out!r} is a folder; give a file name such as preds.json")
     info = {
         "description": "segcli predictions",
         "version": __version__,
@@ -181,11 +181,23 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
         "score_thr": options.score_thr,
         "max_det": options.max_det,
     }
+    # stdout gets the finished file at the end, so a failed run never prints half a JSON document.
+    out_path = _stdout_spool() if to_stdout else Path(options.out)
+    try:
+        summary = _predict_into(out_path, items, predictor, options, info, batch_size, show_progress, stderr)
+        if to_stdout:
+            _copy_to_stdout(out_path)
+    finally:
+        if to_stdout:
+            out_path.unlink(missing_ok=True)
+    return summary
+
+
+def _predict_into(out_path: Path, items: list[InputItem], predictor: Predictor, options: PredictOptions, info: dict,
+                  batch_size: int, show_progress: bool, stderr: TextIO) -> PredictSummary:
     summary = PredictSummary()
     warn = (lambda message: None) if options.quiet else (lambda message: print(f"warning: {message}", file=stderr))
     started = time.perf_counter()
-    # stdout gets the finished file at the end, so a failed run never prints half a JSON document.
-    out_path = _stdout_spool() if to_stdout else Path(options.out)
     writer = CocoWriter(out_path, predictor.checkpoint.categories,
                         results_only=options.format == "coco-results", info=info)
     with writer, Progress(len(items), enabled=show_progress, stream=stderr) as progress:
@@ -204,8 +216,6 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
         finally:
             decoded.close()
     summary.seconds = time.perf_counter() - started
-    if to_stdout:
-        _copy_to_stdout(writer.path)
     return summary
 
 
@@ -216,10 +226,7 @@ def _stdout_spool() -> Path:
 
 
 def _copy_to_stdout(path: Path) -> None:
-    try:
-        with open(path, "rb") as source:
-            while chunk := source.read(1 << 20):
-                sys.stdout.buffer.write(chunk)
-        sys.stdout.buffer.flush()
-    finally:
-        path.unlink(missing_ok=True)
+    with open(path, "rb") as source:
+        while chunk := source.read(1 << 20):
+            sys.stdout.buffer.write(chunk)
+    sys.stdout.buffer.flush()
