@@ -52,7 +52,9 @@ def predict(
     score_thr: float = typer.Option(0.5, help="Keep detections scoring above this."),
     max_det: int = typer.Option(100, help="At most this many detections per image."),
     format: str = typer.Option("coco", "--format", help="coco (dataset file) or coco-results (the list COCO.loadRes takes)."),
-    workers: int = typer.Option(2, help="Background image-decoding threads (0: decode inline)."),
+    workers: Optional[int] = typer.Option(
+        None, help="Background image-decoding threads (default 1 on <= 2 CPU cores, else 2; 0 decodes inline)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, warnings or summary on stderr."),
 ) -> None:
     """Predict masks for images and write them as COCO JSON."""

@@ -9,7 +9,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from segcli.model.preprocess import IMAGE_MEAN, IMAGE_STD, ResizePolicy, prepare_batch
 from segcli.ops.paste_masks import paste_masks_transposed
-from segcli.ops.roi_align import level_scales, multilevel_roi_align
+from segcli.ops.roi_align import RoIPyramid
 
 
 def random_boxes(n: int, height: int, width: int, g: torch.Generator) -> torch.Tensor:
@@ -87,5 +87,8 @@ def test_multilevel_roi_align_equals_torchvision_multiscale():
     expected = reference({str(i): f for i, f in enumerate(features)}, boxes, [(250, 300), (240, 310)])
     flat = torch.cat(boxes)
     batch_index = torch.cat([torch.zeros(40, dtype=torch.int64), torch.ones(30, dtype=torch.int64)])
-    got = multilevel_roi_align(features, flat, batch_index, level_scales(features, padded), 7, 2)
+    pyramid = RoIPyramid(features, padded)
+    got = pyramid(flat, batch_index, 7, 2)
     assert (got - expected).abs().max() < 1e-6
+    bf16 = RoIPyramid([f.bfloat16() for f in features], padded)(flat, batch_index, 7, 2)  # as under autocast
+    assert bf16.dtype == torch.float32 and (bf16 - expected).abs().max() < 0.05

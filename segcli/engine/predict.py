@@ -6,6 +6,7 @@ encoded and handed to the writer image by image, so memory does not grow with th
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -44,7 +45,7 @@ class PredictOptions:
     score_thr: float = 0.5
     max_det: int = 100
     format: str = "coco"
-    workers: int = 2
+    workers: int | None = None  # None: 1 decoding thread on <= 2 cores (more would slow the model), else 2
     progress: bool | None = None  # None: when stderr is a terminal
     quiet: bool = False
 
@@ -201,7 +202,8 @@ def _predict_into(out_path: Path, items: list[InputItem], predictor: Predictor, 
     writer = CocoWriter(out_path, predictor.checkpoint.categories,
                         results_only=options.format == "coco-results", info=info)
     with writer, Progress(len(items), enabled=show_progress, stream=stderr) as progress:
-        decoded = iter_decoded(items, workers=options.workers, prefetch=max(8, 2 * batch_size))
+        workers = options.workers if options.workers is not None else (1 if (os.cpu_count() or 1) <= 2 else 2)
+        decoded = iter_decoded(items, workers=workers, prefetch=max(8, 2 * batch_size))
         try:
             for group in batches(decoded, batch_size, summary, warn):
                 for result in predictor.predict(group):

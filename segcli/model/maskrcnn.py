@@ -17,7 +17,7 @@ from segcli.model.preprocess import PreparedBatch, ResizePolicy, padded_size, pr
 from segcli.model.roi_heads import FlatDetections, RoIHeads
 from segcli.model.rpn import RegionProposalNetwork
 from segcli.ops.paste_masks import paste_masks_transposed
-from segcli.ops.roi_align import level_scales
+from segcli.ops.roi_align import RoIPyramid
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -71,11 +71,10 @@ class MaskRCNN(nn.Module):
             features = list(self.backbone(x).values())
             resized = torch.tensor(batch.resized_sizes, device=x.device)
             proposals = self.rpn(features, tuple(x.shape[-2:]), resized)
-            # RoIAlign reads float32 maps; the last level ("pool") only feeds the RPN.
-            pooled_features = [f.float() for f in features[:-1]]
-            scales = level_scales(pooled_features, tuple(x.shape[-2:]))
-            flat = self.roi_heads.detect(pooled_features, scales, proposals.boxes, proposals.valid, resized)
-            mask_probs = self.roi_heads.mask_probabilities(pooled_features, scales, flat)
+            # The last level ("pool") only feeds the RPN.
+            pyramid = RoIPyramid(features[:-1], tuple(x.shape[-2:]))
+            flat = self.roi_heads.detect(pyramid, proposals.boxes, proposals.valid, resized)
+            mask_probs = self.roi_heads.mask_probabilities(pyramid, flat)
         return Detections(
             boxes=self.to_original(flat, batch),
             scores=flat.scores,

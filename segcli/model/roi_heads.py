@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from segcli.model.boxes import clip_boxes, decode_boxes, large_enough
 from segcli.ops.nms import nms_padded
-from segcli.ops.roi_align import multilevel_roi_align
+from segcli.ops.roi_align import RoIPyramid
 
 ROI_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 BOX_POOL_SIZE = 7
@@ -68,19 +68,17 @@ class RoIHeads(nn.Module):
         """Report only labels whose flag is set (index = model label, 0 = background)."""
         self.allowed_labels = torch.tensor(allowed[1:], dtype=torch.bool, device=self.box_predictor.cls_score.weight.device)
 
-    def detect(
-        self, features: list[Tensor], scales: list[float], proposals: Tensor, proposal_valid: Tensor, image_sizes: Tensor
-    ) -> FlatDetections:
+    def detect(self, pyramid: RoIPyramid, proposals: Tensor, proposal_valid: Tensor, image_sizes: Tensor) -> FlatDetections:
         batch, num_proposals = proposals.shape[:2]
         batch_index = torch.arange(batch, device=proposals.device).repeat_interleave(num_proposals)
-        pooled = multilevel_roi_align(features, proposals.reshape(-1, 4), batch_index, scales, BOX_POOL_SIZE, SAMPLING_RATIO)
+        pooled = pyramid(proposals.reshape(-1, 4), batch_index, BOX_POOL_SIZE, SAMPLING_RATIO)
         hidden = self.box_head(pooled)
         with torch.autocast(hidden.device.type, enabled=False):  # scores and deltas in float32
             class_logits, box_deltas = self.box_predictor(hidden.float())
         num_classes = class_logits.shape[-1]
-        boxes = decode_boxes(box_deltas.float(), proposals.reshape(-1, 4), ROI_BOX_WEIGHTS)
+        boxes = decode_boxes(box_deltas, proposals.reshape(-1, 4), ROI_BOX_WEIGHTS)
         boxes = clip_boxes(boxes.view(batch, -1, num_classes, 4), image_sizes)[:, :, 1:]  # drop background
-        scores = torch.softmax(class_logits.float(), -1).view(batch, -1, num_classes)[:, :, 1:]
+        scores = torch.softmax(class_logits, -1).view(batch, -1, num_classes)[:, :, 1:]
         labels = torch.arange(1, num_classes, device=boxes.device).expand(num_proposals, -1)
         # Candidates in torchvision's order: proposal-major, class-minor.
         boxes, scores, labels = boxes.reshape(batch, -1, 4), scores.reshape(batch, -1), labels.reshape(-1)
@@ -109,13 +107,11 @@ class RoIHeads(nn.Module):
             boxes=sorted_boxes[rows, cols], scores=sorted_scores[rows, cols], labels=sorted_labels[rows, cols], image_index=rows
         )
 
-    def mask_probabilities(self, features: list[Tensor], scales: list[float], detections: FlatDetections) -> Tensor:
+    def mask_probabilities(self, pyramid: RoIPyramid, detections: FlatDetections) -> Tensor:
         """Sigmoid mask [N, 28, 28] of each detection for its own class."""
         if detections.boxes.shape[0] == 0:
             return detections.boxes.new_zeros((0, 2 * MASK_POOL_SIZE, 2 * MASK_POOL_SIZE))
-        pooled = multilevel_roi_align(
-            features, detections.boxes, detections.image_index, scales, MASK_POOL_SIZE, SAMPLING_RATIO
-        )
+        pooled = pyramid(detections.boxes, detections.image_index, MASK_POOL_SIZE, SAMPLING_RATIO)
         hidden = F.relu(self.mask_predictor.conv5_mask(self.mask_head(pooled)))
         with torch.autocast(hidden.device.type, enabled=False):
             logits = self.mask_predictor.mask_fcn_logits(hidden.float())

