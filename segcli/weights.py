@@ -34,7 +34,16 @@ from segcli.model.arch import ARCHS
 KNOWN_ARCHS = tuple(ARCHS)  # the architectures segcli can build
 CHECKPOINT_FORMAT = "segcli-checkpoint"
 CHECKPOINT_VERSION = 1
-REGISTRY_PATH = Path(__file__).resolve().parent.parent / "weights" / "registry.json"
+
+def _registry_path() -> Path:
+    """weights/registry.json of the source tree (editable installs), else the copy a wheel installs
+    under <prefix>/share/segcli/weights (pyproject's data-files)."""
+    source = Path(__file__).resolve().parent.parent / "weights" / "registry.json"
+    installed = Path(sys.prefix) / "share" / "segcli" / "weights" / "registry.json"
+    return source if source.is_file() or not installed.is_file() else installed
+
+
+REGISTRY_PATH = _registry_path()
 _CLS_KEY = "roi_heads.box_predictor.cls_score.weight"
 # torch.hub's naming convention `name-<sha256 prefix>.ext`; 8+ digits so `model-1.pth` is no hash.
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[^.]+$")
