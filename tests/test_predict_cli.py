@@ -205,3 +205,19 @@ def test_run_predict_in_process_reports_failures(checkpoint, tmp_path, photos):
                                          device="cpu", progress=False), stderr=stderr)
     assert summary.images == 1 and [Path(f).name for f, _ in summary.failures] == ["vanished.jpg"]
     assert "vanished.jpg" in stderr.getvalue()
+
+
+def test_candidate_cap_used_on_cuda_keeps_the_same_detections(checkpoint, photos):
+    """CPU twin of the CUDA path, which sizes detection NMS with a fixed candidate cap (no host sync)."""
+    from segcli.model.roi_heads import DetectionSettings
+    from segcli.weights import resolve_weights
+    from segcli.model.build import model_from_checkpoint
+
+    image = read_image(photos[0])
+    batch = torch.from_numpy(image)[None]
+    ckpt = resolve_weights(str(checkpoint))
+    exact = model_from_checkpoint(ckpt, DetectionSettings(score_threshold=0.05))(batch, [image.shape[:2]])
+    capped = model_from_checkpoint(ckpt, DetectionSettings(score_threshold=0.05, candidate_cap=4096))(batch, [image.shape[:2]])
+    assert torch.equal(exact.boxes, capped.boxes) and torch.equal(exact.labels, capped.labels)
+    tight = model_from_checkpoint(ckpt, DetectionSettings(score_threshold=0.05, candidate_cap=10))(batch, [image.shape[:2]])
+    assert len(tight.boxes) <= 10 and torch.equal(tight.scores, exact.scores[: len(tight.scores)])

@@ -25,7 +25,7 @@ from segcli.engine.progress import Progress
 from segcli.errors import UsageError
 from segcli.model.build import model_from_checkpoint
 from segcli.model.maskrcnn import Detections, MaskRCNN
-from segcli.model.roi_heads import DetectionSettings
+from segcli.model.roi_heads import CUDA_CANDIDATE_CAP, DetectionSettings
 from segcli.ops.rle import encode_masks
 from segcli.weights import Checkpoint, resolve_weights
 from segcli.writers.coco import CocoWriter
@@ -91,7 +91,8 @@ class Predictor:
         checkpoint = resolve_weights(weights, arch, progress=progress)
         # torchvision scores candidates above 0.05; a higher user threshold is applied before NMS,
         # which keeps exactly the detections torchvision would keep above it (see roi_heads).
-        settings = DetectionSettings(score_threshold=max(score_thr, 0.0), max_detections=max_det)
+        settings = DetectionSettings(score_threshold=max(score_thr, 0.0), max_detections=max_det,
+                                     candidate_cap=CUDA_CANDIDATE_CAP if torch_device.type == "cuda" else None)
         model = model_from_checkpoint(checkpoint, settings)
         known = {c["id"] for c in checkpoint.categories}
         model.roi_heads.restrict_labels([cid in known for cid in checkpoint.label_to_category_id])

@@ -67,9 +67,10 @@ class MaskRCNN(nn.Module):
         x = batch.tensor
         if self.is_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        # Host-to-device copies wait for the queue on CUDA: make them before the backbone is queued.
+        resized = torch.tensor(batch.resized_sizes, device=x.device)
         with self.autocast(x.device.type):
             features = list(self.backbone(x).values())
-            resized = torch.tensor(batch.resized_sizes, device=x.device)
             proposals = self.rpn(features, tuple(x.shape[-2:]), resized)
             # The last level ("pool") only feeds the RPN.
             pyramid = RoIPyramid(features[:-1], tuple(x.shape[-2:]))

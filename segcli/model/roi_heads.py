@@ -30,9 +30,13 @@ class DetectionSettings:
     nms_threshold: float = 0.5
     max_detections: int = 100
     min_size: float = 1e-2
-    # Candidates per image entering NMS on CUDA (a fixed size avoids a host sync); on the CPU every
-    # candidate enters. Only matters at very low thresholds with thousands of candidates.
-    cuda_candidate_cap: int = 4096
+    # Candidates per image entering NMS, best first. A fixed size avoids a host sync, so CUDA runs
+    # use one (`CUDA_CANDIDATE_CAP`); None (the CPU default) takes every candidate. Only matters at
+    # very low thresholds with thousands of candidates.
+    candidate_cap: int | None = None
+
+
+CUDA_CANDIDATE_CAP = 4096
 
 
 @dataclass
@@ -89,10 +93,10 @@ class RoIHeads(nn.Module):
             candidate &= self.allowed_labels.repeat(num_proposals)[None, :]
         scores = torch.where(candidate, scores, torch.full_like(scores, -1.0))
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-        if scores.is_cuda:
-            count = min(s.cuda_candidate_cap, order.shape[1])
+        if s.candidate_cap is not None:
+            count = min(s.candidate_cap, order.shape[1])
         else:
-            count = int(candidate.sum(1).max())  # exact; a host read is free on the CPU
+            count = int(candidate.sum(1).max())  # exact, at the price of a host read
         order = order[:, :count]
         sorted_scores = scores.gather(1, order)
         sorted_boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
