@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from segcli.ops.bilinear import bilinear_matrix
+
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 SIZE_DIVISIBLE = 32
@@ -41,23 +43,6 @@ class PreparedBatch:
     original_sizes: list[tuple[int, int]]
 
 
-def bilinear_matrix(in_sizes: Tensor, out_sizes: Tensor, in_len: int, out_len: int) -> Tensor:
-    """Per-image weights [B, out_len, in_len] of a 1-D bilinear resize (align_corners=False)."""
-    device = in_sizes.device
-    dst = torch.arange(out_len, device=device, dtype=torch.float32)
-    scale = in_sizes.to(torch.float32) / out_sizes.to(torch.float32)
-    src = ((dst[None, :] + 0.5) * scale[:, None] - 0.5).clamp(min=0)
-    i0 = src.to(torch.int64)
-    i1 = torch.minimum(i0 + 1, in_sizes[:, None] - 1)
-    lam1 = src - i0.to(torch.float32)
-    inside = dst[None, :] < out_sizes[:, None]
-    zero = torch.zeros((), device=device)
-    weights = torch.zeros((in_sizes.shape[0], out_len, in_len), device=device)
-    weights.scatter_add_(2, i0.clamp(max=in_len - 1)[..., None], torch.where(inside, 1.0 - lam1, zero)[..., None])
-    weights.scatter_add_(2, i1.clamp(min=0)[..., None], torch.where(inside, lam1, zero)[..., None])
-    return weights
-
-
 def padded_size(height: int, width: int) -> tuple[int, int]:
     """Round a resized size up to the multiple of 32 the backbone's strides need."""
     return tuple(int(math.ceil(n / SIZE_DIVISIBLE) * SIZE_DIVISIBLE) for n in (height, width))
@@ -79,8 +64,9 @@ def prepare_batch(images: Tensor, sizes: list[tuple[int, int]], policy: ResizePo
             device = images.device
             in_t = torch.tensor(sizes, device=device)
             res_t = torch.tensor(out_sizes, device=device)
-            wy = bilinear_matrix(in_t[:, 0], res_t[:, 0], x.shape[2], out_h)
-            wx = bilinear_matrix(in_t[:, 1], res_t[:, 1], x.shape[3], out_w)
+            start = torch.zeros_like(in_t[:, 0])
+            wy = bilinear_matrix(in_t[:, 0], start, res_t[:, 0], x.shape[2], out_h)
+            wx = bilinear_matrix(in_t[:, 1], start, res_t[:, 1], x.shape[3], out_w)
             x = torch.matmul(torch.matmul(wy[:, None], x), wx[:, None].transpose(-1, -2))
     target_h, target_w = padded_size(out_h, out_w)
     pad_h, pad_w = target_h - x.shape[2], target_w - x.shape[3]

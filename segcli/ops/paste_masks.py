@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from segcli.ops.bilinear import bilinear_matrix
+
 PADDING = 1
 # Memory for one chunk of float32 pasted masks; chunking bounds memory on large photos.
 CHUNK_ELEMENTS = 1 << 25
@@ -30,32 +32,6 @@ def expand_boxes_to_padded_mask(boxes: Tensor, mask_size: int) -> Tensor:
     y_c = (boxes[:, 3] + boxes[:, 1]) * 0.5
     grown = torch.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], dim=1)
     return grown.to(torch.int64)
-
-
-def resize_weights(start: Tensor, end: Tensor, src_size: int, dst_size: int) -> Tensor:
-    """Bilinear weights [N, dst_size, src_size] that resize a src_size-long mask axis onto
-    pixels start..end (inclusive, int64 per mask) of a dst_size-long image axis.
-
-    Matches `F.interpolate(mode="bilinear", align_corners=False)` to the length end - start + 1
-    followed by a copy clipped to the image.
-    """
-    length = (end - start + 1).clamp(min=1)  # torchvision: max(int(x1 - x0 + 1), 1)
-    pixel = torch.arange(dst_size, device=start.device)
-    local = pixel[None, :] - start[:, None]  # position inside the resized mask
-    inside = (local >= 0) & (local < length[:, None])
-    scale = src_size / length.to(torch.float32)
-    src = ((local.to(torch.float32) + 0.5) * scale[:, None] - 0.5).clamp(min=0)
-    i0 = src.to(torch.int64).clamp(max=src_size - 1)
-    i1 = (i0 + 1).clamp(max=src_size - 1)
-    lam1 = src - i0.to(torch.float32)
-    lam0 = 1.0 - lam1
-    zero = torch.zeros((), device=start.device)
-    lam0 = torch.where(inside, lam0, zero)
-    lam1 = torch.where(inside, lam1, zero)
-    weights = torch.zeros((start.shape[0], dst_size, src_size), device=start.device)
-    weights.scatter_add_(2, i0.clamp(min=0)[..., None], lam0[..., None])
-    weights.scatter_add_(2, i1.clamp(min=0)[..., None], lam1[..., None])
-    return weights
 
 
 def paste_masks_transposed(
@@ -77,8 +53,10 @@ def paste_masks_transposed(
     for lo in range(0, n, chunk):  # bounded memory, not one iteration per mask
         hi = min(n, lo + chunk)
         g = grown[lo:hi]
-        wx = resize_weights(g[:, 0], g[:, 2], size, image_width)
-        wy = resize_weights(g[:, 1], g[:, 3], size, image_height)
+        # torchvision resizes the padded mask to the box's integer size, max(x1 - x0 + 1, 1).
+        sizes = torch.full_like(g[:, 0], size)
+        wx = bilinear_matrix(sizes, g[:, 0], g[:, 2] - g[:, 0] + 1, size, image_width)
+        wy = bilinear_matrix(sizes, g[:, 1], g[:, 3] - g[:, 1] + 1, size, image_height)
         pasted = torch.bmm(torch.bmm(wx, padded[lo:hi].transpose(1, 2)), wy.transpose(1, 2))
         out[lo:hi] = pasted if threshold is None else pasted > threshold
     return out
