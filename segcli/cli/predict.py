@@ -1,9 +1,4 @@
-"""The `segcli` command: thin Typer functions that parse, validate and call the engines.
-
-Exit codes (also in the README and --help):
-  0 success · 1 some inputs failed (the rest were processed) · 2 usage error ·
-  3 model or weights error · 130 interrupted (output written so far is valid)
-"""
+"""`segcli predict`: parse and validate flags, then hand over to segcli.engine.predict."""
 
 from __future__ import annotations
 
@@ -12,29 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from segcli.cli.app import EXIT_CODES_HELP, app, fail
 from segcli.errors import ExitCode, SegcliError
-
-EXIT_CODES_HELP = (
-    "Exit codes: 0 success; 1 some inputs failed (the rest were processed); 2 usage error; "
-    "3 model or weights error; 130 interrupted (output written so far is valid)."
-)
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help=f"Annotate images with instance segmentation masks (Mask R-CNN). {EXIT_CODES_HELP}",
-)
-
-
-def fail(error: SegcliError) -> None:
-    print(f"segcli: error: {error}", file=sys.stderr)
-    raise typer.Exit(int(error.exit_code))
-
-
-@app.callback()
-def _root() -> None:
-    """Keep subcommands explicit (`segcli predict ...`) even while there is only one."""
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -82,7 +56,3 @@ def predict(
             print(f"  {path}: {reason}", file=sys.stderr)
     if summary.failures:
         raise typer.Exit(int(ExitCode.SOME_INPUTS_FAILED))
-
-
-def main() -> None:
-    app()
