@@ -1,0 +1,69 @@
+"""The tables `segcli eval` prints: COCO metrics per IoU type, then AP per class.
+
+On a terminal they are drawn with rich (colour unless NO_COLOR); anywhere else (a file, a pipe,
+a CI log) they are plain whitespace-aligned text without colour or box-drawing characters, wide
+enough never to wrap, so that scripts and diffs see stable lines.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TextIO
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from segcli.engine.evaluate import IOU_TYPES, STAT_NAMES
+
+PLAIN_WIDTH = 1000  # never wrap plain output: a wrapped row is two lines a script misreads
+
+
+def print_tables(report: dict, instances: dict[str, int], stream: TextIO) -> None:
+    """Print the metrics table and the per-class table of a `--report` dict to `stream`."""
+    console = Console(file=stream, highlight=False, no_color="NO_COLOR" in os.environ or None)
+    if not console.is_terminal:
+        console = Console(file=stream, highlight=False, no_color=True, width=PLAIN_WIDTH, color_system=None)
+    fancy = console.is_terminal
+    types = [t for t in IOU_TYPES if t in report]
+    if not types:
+        return
+    console.print(metrics_table(report, types, fancy))
+    console.print()
+    console.print(per_class_table(report, types, instances, fancy))
+
+
+def metrics_table(report: dict, types: list[str], fancy: bool) -> Table:
+    table = _table("COCO metrics" if fancy else None, fancy)
+    table.add_column("iou type", style="bold" if fancy else None)
+    for name in STAT_NAMES:
+        table.add_column(name, justify="right")
+    for iou_type in types:
+        table.add_row(iou_type, *(format_value(report[iou_type][name]) for name in STAT_NAMES))
+    return table
+
+
+def per_class_table(report: dict, types: list[str], instances: dict[str, int], fancy: bool) -> Table:
+    table = _table("AP per class" if fancy else None, fancy)
+    table.add_column("class")
+    table.add_column("instances", justify="right")
+    for iou_type in types:
+        table.add_column(f"{iou_type} AP", justify="right")
+    names = list(dict.fromkeys(name for iou_type in types for name in report["per_class"][iou_type]))
+    for name in names:
+        values = [report["per_class"][iou_type].get(name) for iou_type in types]
+        table.add_row(name, str(instances.get(name, "")), *(format_value(v) for v in values))
+    return table
+
+
+def format_value(value: float | None) -> str:
+    # pycocotools marks "no ground truth in this range" as -1; a dash reads as "not applicable".
+    if value is None or value < 0:
+        return "-"
+    return f"{value:.3f}"
+
+
+def _table(title: str | None, fancy: bool) -> Table:
+    if fancy:
+        return Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    return Table(box=None, show_edge=False, pad_edge=False, padding=(0, 1))

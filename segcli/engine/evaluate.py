@@ -1,0 +1,294 @@
+"""`segcli eval`: COCO metrics of predictions against a ground truth, computed by pycocotools.
+
+The scoring is pycocotools' own `COCOeval` (evaluate, accumulate, summarize) on the results list
+`COCO.loadRes` builds, so every number is the one pycocotools gives by hand on the same files.
+This module turns the outcome into the report (`{"segm": {...}, "bbox": {...}, "per_class":
+{...}}`), and runs the command: predict first when asked, score, print tables, write the report
+and the precision-recall plots.
+
+Python API (used by training for its validation AP):
+    evaluate_files(gt_path, predictions)  -> report dict     (files, or a parsed results list)
+    evaluate_coco(gt_coco, results)       -> report dict     (in memory)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence, TextIO
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from segcli.atomic import atomic_write
+from segcli.engine.eval_inputs import (
+    GroundTruth,
+    Results,
+    load_ground_truth,
+    load_results,
+    normalize_results,
+    pycocotools_output,
+)
+from segcli.errors import UsageError
+
+IOU_TYPES = ("segm", "bbox")
+# The names of COCOeval.stats, in its order.
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# Settings `segcli eval --images` predicts with: what COCO evaluation expects of a detector.
+EVAL_SCORE_THR = 0.05
+EVAL_MAX_DET = 100
+
+
+@dataclass
+class Evaluation:
+    """The report, the COCOeval objects behind it (for plots), and what was reported on the way."""
+
+    report: dict
+    evals: dict[str, COCOeval]
+    warnings: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # iou type -> why it could not run
+
+
+def parse_iou_types(value: str | Iterable[str]) -> tuple[str, ...]:
+    """`"segm,bbox"` or a sequence of names -> a tuple of known IoU types, in order, no repeats."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(name).strip().lower() for name in names if str(name).strip()]
+    if not names:
+        raise UsageError("--iou-type: give segm, bbox or segm,bbox")
+    unknown = [name for name in names if name not in IOU_TYPES]
+    if unknown:
+        raise UsageError(f"--iou-type {unknown[0]!r}: choose segm, bbox or segm,bbox")
+    return tuple(dict.fromkeys(names))
+
+
+def evaluate_files(gt: str | Path, predictions: str | Path | list[dict] | dict,
+                   iou_types: str | Sequence[str] = IOU_TYPES, quiet: bool = True) -> dict:
+    """Score predictions (a file `segcli predict` writes, a results list file, or such a list or
+    dict already parsed) against the COCO ground truth file `gt`; return the `--report` dict.
+
+    Raises UsageError for unusable inputs. `quiet=False` lets pycocotools print its own summary,
+    on stderr."""
+    return run_evaluation_files(gt, predictions, iou_types, quiet).report
+
+
+def evaluate_coco(gt: COCO, results: list[dict], iou_types: str | Sequence[str] = IOU_TYPES,
+                  quiet: bool = True) -> dict:
+    """Score an in-memory results list (`[{"image_id", "category_id", "score", "bbox",
+    "segmentation"}]`, ground-truth ids; RLE, polygon or no masks) against a pycocotools COCO.
+
+    For a trainer's validation pass: `gt` is built once (`COCO()` with `.dataset` set and
+    `createIndex()`, or `load_ground_truth(path).coco`) and reused; `results` is not modified.
+    Note that pycocotools' COCOeval converts `gt`'s polygons to RLE in place, as it always does.
+    Results for images or categories `gt` does not have are left out."""
+    iou_types = parse_iou_types(iou_types)
+    results_ = normalize_results(gt, results)
+    return evaluate(GroundTruth(gt), results_, iou_types, quiet).report
+
+
+def run_evaluation_files(gt: str | Path, predictions: str | Path | list[dict] | dict,
+                         iou_types: str | Sequence[str] = IOU_TYPES, quiet: bool = True) -> Evaluation:
+    iou_types = parse_iou_types(iou_types)
+    truth = load_ground_truth(gt)
+    results = load_results(truth.coco, predictions)
+    return evaluate(truth, results, iou_types, quiet)
+
+
+def evaluate(truth: GroundTruth, results: Results, iou_types: Sequence[str], quiet: bool = True,
+             stderr: TextIO | None = None) -> Evaluation:
+    """Run COCOeval for each IoU type that can run; the others are explained in `skipped`.
+
+    segm needs a mask on every prediction and every ground-truth annotation (pycocotools would
+    otherwise score a prediction's box as its mask): without them it is skipped when bbox is
+    also asked for, and a UsageError when segm is all that was asked for."""
+    warnings = list(truth.warnings) + list(results.warnings)
+    skipped: dict[str, str] = {}
+    if "segm" in iou_types:
+        reason = None
+        if not results.has_masks:
+            reason = (f"{results.without_masks} of {len(results.results)} predictions have no mask (segmentation);"
+                      " segm evaluation cannot run")
+        elif not truth.has_masks:
+            reason = "some ground-truth annotations have no mask (segmentation); segm evaluation cannot run"
+        if reason:
+            if list(iou_types) == ["segm"]:
+                raise UsageError(reason)
+            skipped["segm"] = reason
+            warnings.append(reason + "; scoring bbox only")
+    runnable = [t for t in iou_types if t not in skipped]
+    evals: dict[str, COCOeval] = {}
+    with pycocotools_output(quiet, stderr):
+        detections = _load_res(truth.coco, results.results)
+        for iou_type in runnable:
+            evaluator = COCOeval(truth.coco, detections, iou_type)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+            evals[iou_type] = evaluator
+    return Evaluation(build_report(truth.coco, evals), evals, warnings, skipped)
+
+
+def _load_res(gt: COCO, results: list[dict]) -> COCO:
+    if results:
+        return gt.loadRes(results)
+    # loadRes cannot take an empty list (it looks at the first result); no predictions is a valid
+    # outcome to score: every ground-truth object is missed.
+    detections = COCO()
+    detections.dataset = {"images": list(gt.dataset["images"]), "categories": list(gt.dataset["categories"]),
+                          "annotations": []}
+    detections.createIndex()
+    return detections
+
+
+def build_report(gt: COCO, evals: dict[str, COCOeval]) -> dict:
+    """`{iou_type: {stat: value}, "per_class": {iou_type: {name: AP}}}` from finished COCOevals.
+
+    A class's AP is the mean of its precision over IoU thresholds and recall points (all areas,
+    100 detections), the entries pycocotools averages into AP. Classes without ground truth in the
+    evaluated images have no AP (pycocotools marks them -1) and are left out of per_class."""
+    report: dict = {iou_type: dict(zip(STAT_NAMES, (float(v) for v in evaluator.stats)))
+                    for iou_type, evaluator in evals.items()}
+    names = class_names(gt)
+    report["per_class"] = {iou_type: per_class_ap(evaluator, names) for iou_type, evaluator in evals.items()}
+    return report
+
+
+def per_class_ap(evaluator: COCOeval, names: dict[int, str]) -> dict[str, float]:
+    precision = evaluator.eval["precision"]  # [IoU thresholds, recall points, classes, areas, max dets]
+    values: dict[str, float] = {}
+    for k, category_id in enumerate(evaluator.params.catIds):
+        entries = precision[:, :, k, 0, -1]
+        entries = entries[entries > -1]
+        if entries.size:
+            values[names[category_id]] = float(np.mean(entries))
+    return values
+
+
+def class_names(gt: COCO) -> dict[int, str]:
+    """Category id -> a unique display name (a repeated name gets its id appended)."""
+    names = {cid: str(category.get("name") or cid) for cid, category in gt.cats.items()}
+    counts: dict[str, int] = {}
+    for name in names.values():
+        counts[name] = counts.get(name, 0) + 1
+    return {cid: (f"{name} (id {cid})" if counts[name] > 1 else name) for cid, name in names.items()}
+
+
+def instance_counts(gt: COCO) -> dict[str, int]:
+    """Non-crowd ground-truth objects per class name (what a class's recall is measured against)."""
+    names = class_names(gt)
+    counts = {name: 0 for name in names.values()}
+    for ann in gt.dataset["annotations"]:
+        if ann.get("image_id") in gt.imgs and ann.get("category_id") in names and not ann.get("iscrowd"):
+            counts[names[ann["category_id"]]] += 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class EvalOptions:
+    gt: str
+    pred: str | None = None
+    images: str | None = None
+    weights: str | None = None  # with --images; None: "coco"
+    arch: str | None = None
+    device: str = "auto"
+    save_pred: str | None = None
+    iou_type: str = "segm,bbox"
+    report: str | None = None  # "-": JSON on stdout instead of the tables
+    plots: str | None = None
+    quiet: bool = False
+
+
+@dataclass
+class EvalOutcome:
+    evaluation: Evaluation
+    failed_inputs: list[tuple[str, str]] = field(default_factory=list)  # images predict could not read
+
+
+def run_eval(options: EvalOptions, stdout: TextIO | None = None, stderr: TextIO | None = None) -> EvalOutcome:
+    """Run `segcli eval`; raises SegcliError for user errors, before anything is written."""
+    from segcli.engine.eval_tables import print_tables
+
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    warn = (lambda message: None) if options.quiet else (lambda message: print(f"warning: {message}", file=stderr))
+    iou_types = parse_iou_types(options.iou_type)
+    _check_flags(options)
+    truth = load_ground_truth(options.gt)
+    failed: list[tuple[str, str]] = []
+    if options.images is not None:
+        results, failed = _predict_then_load(options, truth.coco, stderr)
+    else:
+        results = load_results(truth.coco, options.pred)
+    evaluation = evaluate(truth, results, iou_types, quiet=True)
+    for message in evaluation.warnings:
+        warn(message)
+    for path, reason in failed:
+        warn(f"skipped {path}: {reason} (its ground truth counts as missed)")
+    if results.missed_images:
+        warn(f"{results.missed_images} of {len(truth.coco.imgs)} ground-truth images have no predictions "
+             "(their objects count as missed)")
+    if not results.results:
+        warn("there are no predictions to score")
+
+    if options.report == "-":
+        stdout.write(json.dumps(evaluation.report, indent=2) + "\n")
+        stdout.flush()
+        print_tables(evaluation.report, instance_counts(truth.coco), stderr)
+    else:
+        print_tables(evaluation.report, instance_counts(truth.coco), stdout)
+    if options.report not in (None, "-"):
+        with atomic_write(options.report) as handle:
+            json.dump(evaluation.report, handle, indent=2)
+            handle.write("\n")
+    if options.plots is not None:
+        from segcli.engine.pr_plots import write_pr_plots
+
+        for path in write_pr_plots(evaluation.evals, Path(options.plots)):
+            if not options.quiet:
+                print(f"segcli: wrote {path}", file=stderr)
+    return EvalOutcome(evaluation, failed)
+
+
+def _check_flags(options: EvalOptions) -> None:
+    """Everything about the flags that can be wrong, checked before any slow work."""
+    if (options.pred is None) == (options.images is None):
+        raise UsageError("give either --pred FILE (predictions to score) or --images DIR (predict, then score)")
+    if options.images is None:
+        for flag, value in (("--weights", options.weights), ("--arch", options.arch), ("--save-pred", options.save_pred)):
+            if value is not None:
+                raise UsageError(f"{flag} goes with --images DIR (predict first); with --pred there is nothing to predict")
+    elif not Path(options.images).is_dir():
+        raise UsageError(f"--images {options.images}: no such folder")
+    for flag, value in (("--report", options.report), ("--save-pred", options.save_pred)):
+        if value not in (None, "-") and Path(value).is_dir():
+            raise UsageError(f"{flag} {value}: is a folder; give a file name such as {flag[2:]}.json")
+    if options.save_pred == "-":
+        raise UsageError("--save-pred needs a file name (stdout carries the tables)")
+    if options.plots is not None and Path(options.plots).exists() and not Path(options.plots).is_dir():
+        raise UsageError(f"--plots {options.plots}: is a file; give a folder for the PNG files")
+
+
+def _predict_then_load(options: EvalOptions, gt: COCO, stderr: TextIO) -> tuple[Results, list[tuple[str, str]]]:
+    """Predict the images folder into a COCO file (kept with --save-pred), then read it back."""
+    from segcli.engine.predict import PredictOptions, run_predict
+
+    with tempfile.TemporaryDirectory(prefix="segcli-eval-") as folder:
+        out = options.save_pred or str(Path(folder) / "predictions.json")
+        if not options.quiet:
+            print(f"segcli: predicting {options.images} (score > {EVAL_SCORE_THR}, at most {EVAL_MAX_DET} per image)",
+                  file=stderr)
+        summary = run_predict(PredictOptions(
+            sources=[options.images], out=out, weights=options.weights or "coco", arch=options.arch,
+            device=options.device, score_thr=EVAL_SCORE_THR, max_det=EVAL_MAX_DET, format="coco", quiet=True,
+        ))
+        if not options.quiet:
+            print(f"segcli: {summary.images} images, {summary.detections} detections in {summary.seconds:.1f} s",
+                  file=stderr)
+        return load_results(gt, out, where=f"predictions of --images {options.images}"), list(summary.failures)
