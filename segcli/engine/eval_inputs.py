@@ -396,18 +396,19 @@ def _match_categories(gt: COCO, categories: list, where: str, warnings: list[str
     """
     predicted = {c["id"]: str(c.get("name", "")) for c in categories if isinstance(c, dict) and _is_int(c.get("id"))}
     gt_names = {cid: str(c.get("name", "")) for cid, c in gt.cats.items()}
-    disagree = [cid for cid, name in predicted.items() if name and cid in gt_names and gt_names[cid] != name]
-    if not disagree:
+    conflicts = [cid for cid, name in predicted.items() if name and gt_names.get(cid, "").lower() != name.lower()]
+    if not conflicts:
         return {}
     by_name = _unique_index((name.lower(), cid) for cid, name in gt_names.items())
     renamed = {cid: by_name.get(name.lower()) for cid, name in predicted.items()}
-    if any(target is not None for target in renamed.values()):
+    if any(renamed[cid] is not None for cid in conflicts):
         moved = [f"{predicted[c]} {c}->{t}" for c, t in sorted(renamed.items()) if t is not None and t != c]
-        warnings.append(f"{where}: category names and ids differ from the ground truth's; paired by name"
-                        + (f" ({_some(moved)})" if moved else ""))
+        warnings.append(f"{where}: category ids differ from the ground truth's; paired by name ({_some(moved)})")
         return renamed
-    warnings.append(f"{where}: no category name matches the ground truth's (e.g. id {disagree[0]} is "
-                    f"{predicted[disagree[0]]!r} here and {gt_names[disagree[0]]!r} there); paired by id")
+    clash = [cid for cid in conflicts if cid in gt_names]
+    if clash:
+        warnings.append(f"{where}: no category name matches the ground truth's (e.g. id {clash[0]} is "
+                        f"{predicted[clash[0]]!r} here and {gt_names[clash[0]]!r} there); paired by id")
     return {}
 
 
