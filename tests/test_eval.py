@@ -328,11 +328,12 @@ def test_cli_prints_tables_and_writes_report_and_plots(tmp_path):
     # stdout: the two tables, plain text in a pipe; nothing of pycocotools' progress.
     lines = result.stdout.splitlines()
     assert "\x1b" not in result.stdout and "index created" not in result.stdout and "DONE" not in result.stdout
-    assert lines[0].split() == ["iou", "type", *STAT_NAMES]
-    for iou_type, line in zip(("segm", "bbox"), lines[1:3]):
-        assert line.split() == [iou_type, *(f"{report[iou_type][n]:.3f}" if report[iou_type][n] >= 0 else "-"
-                                            for n in STAT_NAMES)]
-    assert lines[4].split() == ["class", "instances", "segm", "AP", "bbox", "AP"]
+    assert lines[0].split() == ["metric", "segm", "bbox", "IoU", "area", "max", "dets"]
+    for name, line in zip(STAT_NAMES, lines[1:13]):
+        shown = [f"{report[t][name]:.3f}" if report[t][name] >= 0 else "-" for t in ("segm", "bbox")]
+        assert line.split()[:3] == [name, *shown]
+    assert lines[1].split()[3:] == ["0.50:0.95", "all", "100"] and lines[7].split()[3:] == ["0.50:0.95", "all", "1"]
+    assert lines[14].split() == ["class", "instances", "segm", "AP", "bbox", "AP"]
     person = next(line for line in lines if line.startswith("person "))
     assert person.split()[-2:] == [f"{report['per_class']['segm']['person']:.3f}",
                                    f"{report['per_class']['bbox']['person']:.3f}"]
@@ -482,4 +483,17 @@ def test_images_and_weights_predict_then_score(small_checkpoint, tmp_path):
         stats, per_class = by_hand(gt_path, expected, iou_type)
         assert [report[iou_type][n] for n in STAT_NAMES] == stats
         assert report["per_class"][iou_type] == per_class
-    assert "AP" in result.stdout.splitlines()[0]
+    assert result.stdout.splitlines()[1].split()[:3] == ["AP", *(f"{report[t]['AP']:.3f}" for t in ("segm", "bbox"))]
+
+
+def test_in_memory_results_may_hold_numpy_values():
+    """A trainer builds results from arrays: numpy ids, scores and boxes, bytes RLE counts."""
+    gt_path = require(FRUITS_NUTS)
+    results = noisy_predictions(gt_path, seed=37, polygon_share=0.0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_path))
+    as_numpy = [{"image_id": np.int64(r["image_id"]), "category_id": np.int32(r["category_id"]),
+                 "score": np.float64(r["score"]), "bbox": np.array(r["bbox"]),
+                 "segmentation": {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()}}
+                for r in results]
+    assert evaluate_coco(gt, as_numpy) == evaluate_files(gt_path, results)

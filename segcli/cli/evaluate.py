@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import typer
@@ -19,7 +20,7 @@ def evaluate(
     images: Optional[str] = typer.Option(
         None, "--images", help="Instead of --pred: predict this folder first (score > 0.05, 100 per image), then score."
     ),
-    weights: Optional[str] = typer.Option(None, help="With --images: registry name, checkpoint or URL [default: coco]."),
+    weights: Optional[str] = typer.Option(None, help="With --images: registry name, checkpoint or URL (default: coco)."),
     arch: Optional[str] = typer.Option(None, help="With --images: architecture of a plain torchvision state dict."),
     device: str = typer.Option("auto", help="With --images: auto, cpu, cuda or cuda:N."),
     save_pred: Optional[str] = typer.Option(None, "--save-pred", help="With --images: keep the predictions in this file."),
@@ -40,6 +41,7 @@ def evaluate(
     except SegcliError as error:
         fail(error)
     except KeyboardInterrupt:
+        print("segcli: interrupted; no report was written", file=sys.stderr)
         raise typer.Exit(int(ExitCode.INTERRUPTED))
     if outcome.failed_inputs:
         raise typer.Exit(int(ExitCode.SOME_INPUTS_FAILED))

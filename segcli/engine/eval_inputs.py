@@ -282,11 +282,13 @@ def normalize_results(gt: COCO, annotations: list, where: str = "predictions", w
         score = ann.get("score")
         if not _is_number(score) or not math.isfinite(score):
             raise UsageError(f"{label} has no numeric score (ground-truth annotations are not predictions)")
-        result = {"image_id": image_id, "category_id": category_id, "score": score}
-        if "bbox" in ann and ann["bbox"] != []:
-            if not _is_box(ann["bbox"]):
-                raise UsageError(f"{label}: bbox must be [x, y, width, height] numbers, got {ann['bbox']!r}")
-            result["bbox"] = ann["bbox"]
+        # Plain Python numbers (exact conversions): JSON values pass through unchanged.
+        result = {"image_id": int(image_id), "category_id": int(category_id), "score": _plain_number(score)}
+        box = ann.get("bbox")
+        if box is not None and not (isinstance(box, (list, tuple, np.ndarray)) and len(box) == 0):
+            if not _is_box(box):
+                raise UsageError(f"{label}: bbox must be [x, y, width, height] numbers, got {box!r}")
+            result["bbox"] = [_plain_number(v) for v in box]
             any_box = True
         height, width = sizes[image_id]
         rle = _prediction_rle(ann.get("segmentation"), height, width, label)
@@ -446,13 +448,19 @@ def _some(values: list) -> str:
     return shown + (", ..." if len(values) > MAX_NAMED else "")
 
 
+# numpy scalars count: a trainer's in-memory results are often built from arrays.
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _plain_number(value: Any) -> int | float:
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _is_box(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 4 and all(_is_number(v) and math.isfinite(v) for v in value)
+    return (isinstance(value, (list, tuple, np.ndarray)) and len(value) == 4
+            and all(_is_number(v) and math.isfinite(v) for v in value))

@@ -16,6 +16,13 @@ from rich.table import Table
 
 from segcli.engine.evaluate import IOU_TYPES, STAT_NAMES
 
+# What each of COCOeval.stats averages over (pycocotools' summarize() lines).
+STAT_SETTINGS = {
+    "AP": ("0.50:0.95", "all", "100"), "AP50": ("0.50", "all", "100"), "AP75": ("0.75", "all", "100"),
+    "APs": ("0.50:0.95", "small", "100"), "APm": ("0.50:0.95", "medium", "100"), "APl": ("0.50:0.95", "large", "100"),
+    "AR1": ("0.50:0.95", "all", "1"), "AR10": ("0.50:0.95", "all", "10"), "AR100": ("0.50:0.95", "all", "100"),
+    "ARs": ("0.50:0.95", "small", "100"), "ARm": ("0.50:0.95", "medium", "100"), "ARl": ("0.50:0.95", "large", "100"),
+}
 PLAIN_WIDTH = 1000  # never wrap plain output: a wrapped row is two lines a script misreads
 
 
@@ -34,12 +41,17 @@ def print_tables(report: dict, instances: dict[str, int], stream: TextIO) -> Non
 
 
 def metrics_table(report: dict, types: list[str], fancy: bool) -> Table:
+    """One row per statistic, one column per IoU type: fits 80 columns, reads like pycocotools."""
     table = _table("COCO metrics" if fancy else None, fancy)
-    table.add_column("iou type", style="bold" if fancy else None)
-    for name in STAT_NAMES:
-        table.add_column(name, justify="right")
+    table.add_column("metric", style="bold" if fancy else None)
     for iou_type in types:
-        table.add_row(iou_type, *(format_value(report[iou_type][name]) for name in STAT_NAMES))
+        table.add_column(iou_type, justify="right")
+    table.add_column("IoU", style="dim" if fancy else None)
+    table.add_column("area", style="dim" if fancy else None)
+    table.add_column("max dets", justify="right", style="dim" if fancy else None)
+    for name in STAT_NAMES:
+        iou, area, max_dets = STAT_SETTINGS[name]
+        table.add_row(name, *(format_value(report[iou_type][name]) for iou_type in types), iou, area, max_dets)
     return table
 
 

@@ -287,6 +287,9 @@ def _predict_then_load(options: EvalOptions, gt: COCO, stderr: TextIO) -> tuple[
         summary = run_predict(PredictOptions(
             sources=[options.images], out=out, weights=options.weights or "coco", arch=options.arch,
             device=options.device, score_thr=EVAL_SCORE_THR, max_det=EVAL_MAX_DET, format="coco", quiet=True,
+            # quiet keeps predict's own summary and warnings off (eval reports them); the bar stays
+            # on a terminal, since predicting a folder is the slow part.
+            progress=stderr.isatty() and not options.quiet,
         ))
         if not options.quiet:
             print(f"segcli: {summary.images} images, {summary.detections} detections in {summary.seconds:.1f} s",
