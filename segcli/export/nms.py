@@ -16,6 +16,8 @@ Both return a keep mask [G, K] like `nms_padded`.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -23,8 +25,7 @@ from torch import Tensor
 _ONNX_SCORE_THRESHOLD = 0.5
 
 
-@torch.jit.script
-def nms_groups_script(boxes: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
+def _nms_groups(boxes: Tensor, valid: Tensor, iou_threshold: float) -> Tensor:
     """Class-agnostic greedy NMS per group of score-sorted boxes [G, K, 4] (TorchScript)."""
     keep = torch.zeros_like(valid)
     ramp = torch.arange(boxes.shape[1], 0, -1, dtype=torch.float32, device=boxes.device)
@@ -36,8 +37,7 @@ def nms_groups_script(boxes: Tensor, valid: Tensor, iou_threshold: float) -> Ten
     return keep
 
 
-@torch.jit.script
-def nms_groups_by_label_script(boxes: Tensor, valid: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
+def _nms_groups_by_label(boxes: Tensor, valid: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:
     """Per group and per label greedy NMS of score-sorted boxes [G, K, 4] (TorchScript)."""
     keep = torch.zeros_like(valid)
     ramp = torch.arange(boxes.shape[1], 0, -1, dtype=torch.float32, device=boxes.device)
@@ -50,6 +50,12 @@ def nms_groups_by_label_script(boxes: Tensor, valid: Tensor, labels: Tensor, iou
                 kept = torch.ops.torchvision.nms(boxes[group].index_select(0, subset), ramp.index_select(0, subset), iou_threshold)
                 keep[group, subset.index_select(0, kept)] = True
     return keep
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice (no successor exports loops)
+    nms_groups_script = torch.jit.script(_nms_groups)
+    nms_groups_by_label_script = torch.jit.script(_nms_groups_by_label)
 
 
 class OnnxNonMaxSuppression(torch.autograd.Function):
