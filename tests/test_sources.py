@@ -130,7 +130,7 @@ def test_missing_sources_are_usage_errors(tmp_path, monkeypatch, spec, message):
 def test_folder_without_images_is_a_usage_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _touch(tmp_path, "empty/readme.md", "empty/.hidden.jpg")
-    with pytest.raises(UsageError, match="^no images found in 'empty'$"):
+    with pytest.raises(UsageError, match="^no images or videos found in 'empty'$"):
         expand_sources(["empty"])
 
 

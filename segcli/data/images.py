@@ -60,7 +60,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
       not set ``ImageFile.LOAD_TRUNCATED_IMAGES``: half a photo would give silently wrong masks).
     """
     path = Path(path)
-    _check_regular_file(path)
+    check_regular_file(path)
     try:
         with open(path, "rb") as handle:
             return _read_open_file(path, handle)
@@ -73,7 +73,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(path, _os_reason(exc)) from None
 
 
-def _check_regular_file(path: Path) -> None:
+def check_regular_file(path: Path) -> None:
     """Raise ImageReadError unless `path` is a non-empty regular file (follows symlinks)."""
     try:
         info = path.stat()

@@ -1,6 +1,7 @@
 """Turn the SOURCE arguments of the command line into one ordered, duplicate-free list of inputs.
 
-A SOURCE is a folder, a quoted glob, a `.txt` list of paths, `-` (paths on stdin) or an image file.
+A SOURCE is a folder, a quoted glob, a `.txt` list of paths, `-` (paths on stdin), or an image or
+video file. Folders yield images and videos, told apart by extension (`InputItem.is_video`).
 Mistakes in the arguments themselves are `UsageError`s; files that a list names but that do not
 exist are kept, so the decoder reports them per input ("no such file") and the run goes on.
 """
@@ -17,7 +18,13 @@ from typing import Iterable, Sequence, TextIO
 from segcli.errors import UsageError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-"""Extensions (compared case-insensitively) picked up when a folder is searched."""
+"""Image extensions (compared case-insensitively) picked up when a folder is searched."""
+
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"}
+"""Video extensions picked up in folders; files given by name with these are read as videos too."""
+
+
+_FOLDER_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,11 @@ class InputItem:
 
     path: Path
     file_name: str
+
+    @property
+    def is_video(self) -> bool:
+        """Read frame by frame (segcli.data.video) rather than as one image."""
+        return self.path.suffix.lower() in VIDEO_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,7 @@ def _from_folder(spec: str) -> list[_Found]:
     root = Path(spec)
     found = [(relative, root / relative) for relative in _walk_images(root)]
     if not found:
-        raise UsageError(f"no images found in '{spec}'")
+        raise UsageError(f"no images or videos found in '{spec}'")
     label = _folder_label(root)
     return [_Found(InputItem(path, relative), label) for relative, path in sorted(found)]
 
@@ -111,7 +123,7 @@ def _walk_images(root: Path) -> Iterable[str]:
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         relative_folder = PurePath(os.path.relpath(folder, root))
         for name in files:
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            if name.startswith(".") or Path(name).suffix.lower() not in _FOLDER_EXTENSIONS:
                 continue
             if os.path.isfile(os.path.join(folder, name)):  # skips broken symlinks
                 yield (relative_folder / name).as_posix()

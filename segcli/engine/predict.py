@@ -1,24 +1,33 @@
-"""`segcli predict`: sources -> decoded images -> batches on the device -> detections -> COCO file.
+"""`segcli predict`: sources -> decoded images and video frames -> batches on the device ->
+detections -> records -> the chosen output format.
 
 Decoding runs in background threads (segcli.data.decode) while the model works; results are
-encoded and handed to the writer image by image, so memory does not grow with the folder.
+encoded and handed on image by image (frame by frame), so memory does not grow with the folder or
+the video. Formats that are one file (COCO, JSON Lines, GeoJSON) are assembled at the end from the
+resume journal (segcli.writers.journal), in input order; per-image formats and overlays are
+written as results come. JSON Lines on stdout is written line by line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, TextIO
+from typing import Collection, Iterable, Iterator, Sequence, TextIO
 
 import numpy as np
 import torch
 
 from segcli import __version__
-from segcli.data.decode import Decoded, iter_decoded
+from segcli.atomic import atomic_write
+from segcli.data.decode import Decoded, InputDone, iter_decoded
 from segcli.data.sources import InputItem, expand_sources
 from segcli.engine.device import prepare_for_inference, resolve_device, resolve_precision
 from segcli.engine.progress import Progress
@@ -29,8 +38,19 @@ from segcli.model.roi_heads import CUDA_CANDIDATE_CAP, DetectionSettings
 from segcli.ops.rle import encode_masks
 from segcli.weights import Checkpoint, resolve_weights
 from segcli.writers.coco import CocoWriter
+from segcli.writers.geojson import GeoJsonWriter
+from segcli.writers.journal import Journal, Signature, state_dir_for
+from segcli.writers.jsonl import JsonlWriter, record_line
+from segcli.writers.overlay import OverlayWriter
+from segcli.writers.paths import frame_stem, output_stems
+from segcli.writers.per_image import LabelMeWriter, PngWriter, Target, YoloWriter
+from segcli.writers.records import build_record
 
-FORMATS = ("coco", "coco-results")
+ONE_FILE_FORMATS = ("coco", "coco-results", "jsonl", "geojson")
+PER_IMAGE_FORMATS = ("labelme", "yolo", "png")
+FORMATS = ONE_FILE_FORMATS + PER_IMAGE_FORMATS
+MASK_ENCODINGS = ("rle", "polygon")
+_SUFFIX_FORMATS = {".json": "coco", ".jsonl": "jsonl", ".ndjson": "jsonl", ".geojson": "geojson"}
 
 
 @dataclass
@@ -44,10 +64,16 @@ class PredictOptions:
     batch_size: int | None = None  # None: 8 on a GPU, 1 on a CPU
     score_thr: float = 0.5
     max_det: int = 100
-    format: str = "coco"
+    format: str | None = None  # None: from --out (see plan_output): jsonl on stdout, coco for .json...
     workers: int | None = None  # None: 1 decoding thread on <= 2 cores (more would slow the model), else 2
     progress: bool | None = None  # None: when stderr is a terminal
     quiet: bool = False
+    masks: str = "rle"  # coco, coco-results, jsonl: "rle" or "polygon"
+    poly_tolerance: float = 1.0  # pixels, Douglas-Peucker tolerance of polygon outputs
+    classes: Sequence[str] | None = None  # category names or ids to keep; None: all
+    vid_stride: int = 1  # every N-th video frame
+    overlay: str | None = None  # folder for images/videos with the predictions drawn
+    resume: bool = False  # skip inputs already done by an earlier run with the same settings
 
 
 @dataclass
@@ -61,43 +87,63 @@ class ImagePrediction:
     scores: np.ndarray  # [K]
     category_ids: np.ndarray  # [K] the checkpoint's own category ids
     rles: list[dict]  # K COCO RLEs
+    frame: int | None = None  # video frames: index in the video
+    timestamp: float | None = None  # video frames: seconds from the start
 
 
 @dataclass
 class PredictSummary:
-    images: int = 0
+    images: int = 0  # images predicted in this run
+    frames: int = 0  # video frames predicted in this run
     detections: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    reused: int = 0  # inputs already done by an earlier run (--resume)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # warnings that are not failures
 
 
 class Predictor:
     """A loaded model with its categories: uint8 images in, per-image predictions out."""
 
-    def __init__(self, model: MaskRCNN, checkpoint: Checkpoint, device: torch.device) -> None:
+    def __init__(self, model: MaskRCNN, checkpoint: Checkpoint, device: torch.device,
+                 category_ids: Collection[int] | None = None) -> None:
         self.model = model
         self.checkpoint = checkpoint
         self.device = device
         self.label_to_category = torch.tensor(checkpoint.label_to_category_id)
+        # Models that cannot restrict their labels (exported ones) are filtered after the fact.
+        self.category_ids = None if category_ids is None else torch.tensor(sorted(category_ids))
 
     @classmethod
     def load(cls, weights: str, arch: str | None, device: str, precision: str, score_thr: float, max_det: int,
-             progress: bool = True) -> Predictor:
+             progress: bool = True, classes: Sequence[str] | None = None) -> Predictor:
         if not 0.0 <= score_thr <= 1.0:
             raise UsageError(f"--score-thr must be between 0 and 1, got {score_thr}")
         if max_det < 1:
             raise UsageError(f"--max-det must be at least 1, got {max_det}")
+        # Files written by `segcli export` (.onnx, TorchScript) run through their own runtime (issue 5);
+        # it applies --score-thr, --max-det and --classes to the exported model's outputs.
+        from segcli.export.runtime import exported_format, load_exported
+
+        if exported_format(weights) is not None:
+            model, checkpoint = load_exported(weights, device, precision)
+            wanted = resolve_classes(classes, checkpoint.categories)
+            known = {c["id"] for c in checkpoint.categories} if wanted is None else wanted
+            model.configure(score_thr, max_det, [cid in known for cid in checkpoint.label_to_category_id])
+            return cls(model, checkpoint, torch.device("cpu"))
         torch_device = resolve_device(device)
         checkpoint = resolve_weights(weights, arch, progress=progress)
         # torchvision scores candidates above 0.05; a higher user threshold is applied before NMS,
         # which keeps exactly the detections torchvision would keep above it (see roi_heads).
         settings = DetectionSettings(score_threshold=max(score_thr, 0.0), max_detections=max_det,
                                      candidate_cap=CUDA_CANDIDATE_CAP if torch_device.type == "cuda" else None)
+        wanted = resolve_classes(classes, checkpoint.categories)
         model = model_from_checkpoint(checkpoint, settings)
-        known = {c["id"] for c in checkpoint.categories}
+        known = {c["id"] for c in checkpoint.categories} if wanted is None else wanted
+        # Restricting labels before NMS and --max-det makes --classes keep the best N of those classes.
         model.roi_heads.restrict_labels([cid in known for cid in checkpoint.label_to_category_id])
         model = prepare_for_inference(model, torch_device, resolve_precision(precision, torch_device))
-        return cls(model, checkpoint, torch_device)
+        return cls(model, checkpoint, torch_device, wanted)
 
     def predict(self, decoded: list[Decoded]) -> list[ImagePrediction]:
         """Predict a batch, run as sub-batches of images with the same padded network input size.
@@ -115,22 +161,25 @@ class Predictor:
             batch, sizes = collate([decoded[i].image for i in indices], pin=self.device.type == "cuda")
             detections = self.model(batch.to(self.device, non_blocking=True), sizes)
             for position, index in enumerate(indices):
-                results[index] = self._image_result(detections, position, decoded[index].item)
+                results[index] = self._image_result(detections, position, decoded[index])
         return results
 
-    def _image_result(self, detections: Detections, index: int, item: InputItem) -> ImagePrediction:
+    def _image_result(self, detections: Detections, index: int, decoded: Decoded) -> ImagePrediction:
         rows = detections.rows(index)
         height, width = detections.image_sizes[index]
         masks = detections.paste_masks(index).cpu().numpy()
-        labels = detections.labels[rows].cpu()
+        category_ids = self.label_to_category[detections.labels[rows].cpu()]
+        keep = slice(None) if self.category_ids is None else torch.isin(category_ids, self.category_ids).numpy()
         return ImagePrediction(
-            item=item,
+            item=decoded.item,
             width=width,
             height=height,
-            boxes=detections.boxes[rows].cpu().numpy(),
-            scores=detections.scores[rows].cpu().numpy(),
-            category_ids=self.label_to_category[labels].numpy(),
-            rles=encode_masks(masks),
+            boxes=detections.boxes[rows].cpu().numpy()[keep],
+            scores=detections.scores[rows].cpu().numpy()[keep],
+            category_ids=category_ids.numpy()[keep],
+            rles=encode_masks(masks[keep]),
+            frame=decoded.frame,
+            timestamp=decoded.timestamp,
         )
 
 
@@ -144,92 +193,322 @@ def collate(images: list[np.ndarray], pin: bool = False) -> tuple[torch.Tensor, 
     return batch, sizes
 
 
-def batches(decoded: Iterable[Decoded], size: int, summary: PredictSummary, warn) -> Iterator[list[Decoded]]:
-    """Group good images into batches of `size`; report and count the failures on the way."""
+def resolve_classes(classes: Sequence[str] | None, categories: list[dict]) -> set[int] | None:
+    """Category ids named by `--classes` (names, case-insensitive, or ids; comma-separated or repeated)."""
+    if not classes:
+        return None
+    by_name = {str(c["name"]).casefold(): int(c["id"]) for c in categories}
+    ids = {int(c["id"]) for c in categories}
+    wanted: set[int] = set()
+    for entry in (part.strip() for spec in classes for part in str(spec).split(",")):
+        if not entry:
+            continue
+        if entry.casefold() in by_name:
+            wanted.add(by_name[entry.casefold()])
+        elif entry.lstrip("-").isdigit() and int(entry) in ids:
+            wanted.add(int(entry))
+        else:
+            examples = ", ".join(str(c["name"]) for c in categories[:5])
+            raise UsageError(f"--classes: {entry!r} is neither a category name nor an id of this model "
+                             f"(names are like: {examples}...)")
+    if not wanted:
+        raise UsageError("--classes names no category")
+    return wanted
+
+
+def batches(decoded: Iterable, size: int) -> Iterator[list[Decoded] | InputDone | Decoded]:
+    """Group good images and frames into batches of `size`, in order; failures and `InputDone`
+    markers come through alone, after the batch before them, so events never overtake results."""
     pending: list[Decoded] = []
     for item in decoded:
-        if item.error is not None:
-            summary.failures.append((str(item.item.path), item.error))
-            warn(f"skipped {item.item.path}: {item.error}")
+        if isinstance(item, Decoded) and item.error is None:
+            pending.append(item)
+            if len(pending) == size:
+                yield pending
+                pending = []
             continue
-        pending.append(item)
-        if len(pending) == size:
+        if pending:
             yield pending
             pending = []
+        yield item
     if pending:
         yield pending
+
+
+@dataclass
+class OutputPlan:
+    """Where and how results go, decided from the options before any work."""
+
+    format: str
+    out: Path | None  # None: stdout
+    per_image: bool  # one file per image under the folder `out`
+    polygons: bool  # records carry polygons (polygon formats, or --masks polygon)
+    state_dir: Path | None  # resume manifest, journal and lock; None for stdout
+
+
+def plan_output(options: PredictOptions) -> OutputPlan:
+    """Validate --out/--format/--masks and infer the format: jsonl on stdout; from the extension of
+    a file (.json coco, .jsonl/.ndjson jsonl, .geojson geojson); labelme for a folder."""
+    to_stdout = options.out in (None, "-")
+    out = None if to_stdout else Path(options.out)
+    names_folder = out is not None and (out.is_dir() or str(options.out).endswith(("/", os.sep)))
+    fmt = options.format
+    if fmt is None:
+        if out is None:
+            fmt = "jsonl"
+        elif names_folder:
+            fmt = "labelme"
+        elif out.suffix.lower() in _SUFFIX_FORMATS:
+            fmt = _SUFFIX_FORMATS[out.suffix.lower()]
+        else:
+            raise UsageError(f"cannot tell the output format from --out {options.out!r}; pass --format "
+                             f"({', '.join(FORMATS)}) or end a folder name with /")
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if options.masks not in MASK_ENCODINGS:
+        raise UsageError(f"--masks {options.masks!r}: choose rle or polygon")
+    if options.poly_tolerance < 0:
+        raise UsageError(f"--poly-tolerance must be >= 0 pixels, got {options.poly_tolerance}")
+    if options.vid_stride < 1:
+        raise UsageError(f"--vid-stride must be at least 1, got {options.vid_stride}")
+    per_image = fmt in PER_IMAGE_FORMATS
+    if per_image:
+        if out is None:
+            raise UsageError(f"--format {fmt} writes one file per image: give a folder as --out")
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--format {fmt} writes one file per image: --out {options.out!r} is a file, give a folder")
+    elif out is not None and out.is_dir():
+        raise UsageError(f"--out {options.out!r} is a folder; give a file name such as preds.json for --format {fmt}")
+    if options.overlay is not None and Path(options.overlay).exists() and not Path(options.overlay).is_dir():
+        raise UsageError(f"--overlay {options.overlay!r} is a file; give a folder")
+    if options.resume and out is None:
+        raise UsageError("--resume needs --out: a run that writes to stdout has nothing to resume")
+    polygons = fmt in ("geojson", "labelme", "yolo") or (options.masks == "polygon" and fmt in ONE_FILE_FORMATS)
+    state_dir = None if out is None else state_dir_for(out, per_image)
+    return OutputPlan(fmt, out, per_image, polygons, state_dir)
 
 
 def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: TextIO | None = None) -> PredictSummary:
     """Run the whole prediction; raises SegcliError for user errors before any output is written."""
     stderr = stderr or sys.stderr
-    if options.format not in FORMATS:
-        raise UsageError(f"--format {options.format!r}: choose one of {', '.join(FORMATS)}")
     if options.batch_size is not None and options.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
-    to_stdout = options.out in (None, "-")
-    if not to_stdout and Path(options.out).is_dir():
-        raise UsageError(f"--out {options.out!r} is a folder; give a file name such as preds.json")
+    plan = plan_output(options)
     items = expand_sources(options.sources, stdin=stdin)
+    stems = output_stems(items)
+    keys = [json.dumps([os.path.realpath(item.path), item.file_name, stem], ensure_ascii=False)
+            for item, stem in zip(items, stems)]
     show_progress = (stderr.isatty() and not options.quiet) if options.progress is None else options.progress
-    predictor = Predictor.load(options.weights, options.arch, options.device, options.precision,
-                               options.score_thr, options.max_det, progress=show_progress)
-    batch_size = options.batch_size or (8 if predictor.device.type == "cuda" else 1)
-    info = {
-        "description": "segcli predictions",
-        "version": __version__,
-        "weights": options.weights,
-        "arch": predictor.checkpoint.arch,
+    with contextlib.ExitStack() as stack:
+        journal = _open_journal(plan, options, stack)  # takes the lock: a second run stops here, at once
+        if journal is not None and options.resume:
+            journal.keep_only(dict(zip(keys, (item.path for item in items))))
+        todo = [i for i in range(len(items)) if journal is None or not journal.is_done(keys[i])]
+        predictor = Predictor.load(options.weights, options.arch, options.device, options.precision,
+                                   options.score_thr, options.max_det, progress=show_progress, classes=options.classes)
+        run = _Run(options, plan, predictor, items, stems, keys, todo, journal, stderr, show_progress)
+        summary = run.go()
+        summary.reused = len(items) - len(todo)
+        return summary
+
+
+def _open_journal(plan: OutputPlan, options: PredictOptions, stack: contextlib.ExitStack) -> Journal | None:
+    if plan.state_dir is not None:
+        return stack.enter_context(Journal(plan.state_dir, fingerprint(options, plan), options.resume,
+                                           output_root=plan.out if plan.per_image else None))
+    if plan.format == "jsonl":
+        return None  # lines go straight to stdout
+    # One-file formats on stdout: results are kept in a private journal and printed at the end,
+    # so a failed run never prints half a JSON document.
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="segcli-")))
+    return stack.enter_context(Journal(folder, {}, resume=False))
+
+
+def fingerprint(options: PredictOptions, plan: OutputPlan) -> dict:
+    """Everything that changes what a run writes; --resume refuses an output made with another."""
+    from segcli.engine.device import resolve_device, resolve_precision
+
+    try:
+        precision = resolve_precision(options.precision, resolve_device(options.device))
+    except Exception:  # reported properly by Predictor.load
+        precision = options.precision
+    return {
+        "weights": _weights_identity(options.weights),
+        "arch": options.arch,
+        "precision": str(precision),
+        "format": plan.format,
+        "masks": options.masks if not plan.per_image else None,
+        "poly_tolerance": options.poly_tolerance if plan.polygons else None,
         "score_thr": options.score_thr,
         "max_det": options.max_det,
+        "classes": sorted(str(c).strip().casefold() for spec in options.classes or [] for c in str(spec).split(",") if c.strip()),
+        "vid_stride": options.vid_stride,
+        "overlay": os.path.abspath(options.overlay) if options.overlay else None,
     }
-    # stdout gets the finished file at the end, so a failed run never prints half a JSON document.
-    out_path = _stdout_spool() if to_stdout else Path(options.out)
-    try:
-        summary = _predict_into(out_path, items, predictor, options, info, batch_size, show_progress, stderr)
-        if to_stdout:
-            _copy_to_stdout(out_path)
-    finally:
-        if to_stdout:
-            out_path.unlink(missing_ok=True)
-    return summary
 
 
-def _predict_into(out_path: Path, items: list[InputItem], predictor: Predictor, options: PredictOptions, info: dict,
-                  batch_size: int, show_progress: bool, stderr: TextIO) -> PredictSummary:
-    summary = PredictSummary()
-    warn = (lambda message: None) if options.quiet else (lambda message: print(f"warning: {message}", file=stderr))
-    started = time.perf_counter()
-    writer = CocoWriter(out_path, predictor.checkpoint.categories,
-                        results_only=options.format == "coco-results", info=info)
-    with writer, Progress(len(items), enabled=show_progress, stream=stderr) as progress:
+def _weights_identity(spec: str) -> str:
+    """A local checkpoint by its content (a retrained file at the same path is another model);
+    a registry name or URL by name (registry files are checksum-verified)."""
+    path = Path(spec)
+    if not path.is_file():
+        return spec
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+class _Run:
+    """One prediction run over `todo`; results to the journal, per-image writers and overlays."""
+
+    def __init__(self, options: PredictOptions, plan: OutputPlan, predictor: Predictor, items: list[InputItem],
+                 stems: list[str], keys: list[str], todo: list[int], journal: Journal | None, stderr: TextIO,
+                 show_progress: bool) -> None:
+        self.options, self.plan, self.predictor = options, plan, predictor
+        self.items, self.stems, self.keys, self.todo = items, stems, keys, todo
+        self.journal, self.stderr, self.show_progress = journal, stderr, show_progress
+        self.summary = PredictSummary()
+        categories = predictor.checkpoint.categories
+        self.category_names = {int(c["id"]): str(c["name"]) for c in categories}
+        self.per_image = None
+        if plan.per_image:
+            plan.out.mkdir(parents=True, exist_ok=True)
+            self.per_image = {"labelme": lambda: LabelMeWriter(plan.out), "yolo": lambda: YoloWriter(plan.out, categories),
+                              "png": lambda: PngWriter(plan.out, categories)}[plan.format]()
+        self.overlay = OverlayWriter(Path(options.overlay)) if options.overlay else None
+        self.stdout_lines = JsonlWriter(sys.stdout.buffer) if plan.out is None and plan.format == "jsonl" else None
+        self.signatures = {i: Signature.of(items[i].path) for i in todo}
+        self.files: dict[int, list[str]] = {}  # per-image outputs of the video in progress
+        self.info = {
+            "description": "segcli predictions",
+            "version": __version__,
+            "weights": options.weights,
+            "arch": predictor.checkpoint.arch,
+            "score_thr": options.score_thr,
+            "max_det": options.max_det,
+        }
+
+    def warn(self, message: str) -> None:
+        if not self.options.quiet:
+            print(f"warning: {message}", file=self.stderr)
+
+    def go(self) -> PredictSummary:
+        started = time.perf_counter()
+        options = self.options
+        batch_size = options.batch_size or (8 if self.predictor.device.type == "cuda" else 1)
         workers = options.workers if options.workers is not None else (1 if (os.cpu_count() or 1) <= 2 else 2)
-        decoded = iter_decoded(items, workers=workers, prefetch=max(8, 2 * batch_size))
-        try:
-            for group in batches(decoded, batch_size, summary, warn):
-                for result in predictor.predict(group):
-                    writer.add_image(result.item.file_name, result.width, result.height, result.boxes,
-                                     result.scores, result.category_ids, result.rles)
-                    summary.images += 1
-                    summary.detections += len(result.scores)
-                progress.update(summary.images + len(summary.failures))
-        except KeyboardInterrupt:
-            writer.close(partial_ok=True)  # what was predicted so far stays a valid file
-            raise
-        finally:
-            decoded.close()
-    summary.seconds = time.perf_counter() - started
-    return summary
+        finished = 0
+        with Progress(len(self.todo), enabled=self.show_progress, stream=self.stderr) as progress:
+            decoded = iter_decoded([self.items[i] for i in self.todo], workers=workers,
+                                   prefetch=max(8, 2 * batch_size), vid_stride=options.vid_stride)
+            try:
+                for event in batches(decoded, batch_size):
+                    if isinstance(event, list):
+                        for frame, result in zip(event, self.predictor.predict(event)):
+                            finished += self._result(self.todo[frame.index], frame, result)
+                    elif isinstance(event, InputDone):
+                        finished += self._video_done(self.todo[event.index], event)
+                    else:
+                        finished += self._failed(self.todo[event.index], event.error)
+                    progress.update(finished)
+            except KeyboardInterrupt:
+                # What is done so far becomes a valid output; unfinished overlay videos are dropped.
+                if self.overlay is not None:
+                    self.overlay.abort()
+                self._assemble()
+                raise
+            finally:
+                decoded.close()
+        self._assemble()
+        self.summary.seconds = time.perf_counter() - started
+        return self.summary
+
+    def _result(self, index: int, decoded: Decoded, result: ImagePrediction) -> int:
+        """Handle one image or frame result; returns 1 when that completed an input."""
+        item, stem = self.items[index], self.stems[index]
+        record = build_record(item.file_name, result.frame, result.timestamp, result.width, result.height,
+                              result.boxes, result.scores, result.category_ids, result.rles, self.category_names,
+                              self.options.poly_tolerance if self.plan.polygons else None)
+        files = self.files.setdefault(index, [])
+        if self.per_image is not None:
+            files += self.per_image.write(Target(record, frame_stem(stem, result.frame), item.path))
+        if self.overlay is not None:
+            if result.frame is None:
+                files += self.overlay.write_image(stem, decoded.image, record)
+            else:
+                self.overlay.add_frame(stem, decoded.image, record, decoded.fps or 0.0)
+        if self.stdout_lines is not None:
+            self.stdout_lines.add_record(record)
+        if self.journal is not None and not self.plan.per_image:
+            self.journal.add_records(self.keys[index], [record])
+        self.summary.detections += len(record["instances"])
+        if result.frame is not None:
+            self.summary.frames += 1
+            return 0
+        self.summary.images += 1
+        self._done(index)
+        return 1
+
+    def _video_done(self, index: int, event: InputDone) -> int:
+        if event.note:
+            self.summary.notes.append((str(self.items[index].path), event.note))
+            self.warn(f"{self.items[index].path}: {event.note}")
+        if self.overlay is not None:
+            self.files.setdefault(index, []).extend(self.overlay.finish_video(self.stems[index]))
+        self._done(index)
+        return 1
+
+    def _done(self, index: int) -> None:
+        files = self.files.pop(index, [])
+        signature = self.signatures.get(index)
+        if self.journal is not None and signature is not None:
+            self.journal.done(self.keys[index], signature, files)
+
+    def _failed(self, index: int, reason: str) -> int:
+        path = str(self.items[index].path)
+        self.summary.failures.append((path, reason))
+        self.warn(f"skipped {path}: {reason}")
+        self.files.pop(index, None)
+        if self.journal is not None:
+            self.journal.forget_pending(self.keys[index])
+        return 1
+
+    def _assemble(self) -> None:
+        """Write the one-file output from the journal: every done input, in input order."""
+        plan = self.plan
+        if plan.per_image or self.journal is None:
+            return
+        records = (record for key in self.keys if self.journal.is_done(key) for record in self.journal.records(key))
+        if plan.format in ("coco", "coco-results"):
+            target = plan.out if plan.out is not None else Path(self.journal.dir) / "out.json"
+            writer = CocoWriter(target, self.predictor.checkpoint.categories,
+                                results_only=plan.format == "coco-results", info=self.info)
+            with writer:
+                for record in records:
+                    writer.add_record(record, polygons=self.options.masks == "polygon")
+            if plan.out is None:
+                _copy_to_stdout(target)
+            return
+        with (atomic_write(plan.out, "wb") if plan.out is not None else _stdout_bytes()) as handle:
+            if plan.format == "jsonl":
+                for record in records:
+                    handle.write(record_line(record))
+            else:
+                geojson = GeoJsonWriter(handle, self.info)
+                for record in records:
+                    geojson.add_record(record)
+                geojson.finish()
 
 
-def _stdout_spool() -> Path:
-    handle = tempfile.NamedTemporaryFile(prefix="segcli-", suffix=".json", delete=False)
-    handle.close()
-    return Path(handle.name)
+@contextlib.contextmanager
+def _stdout_bytes():
+    yield sys.stdout.buffer
+    sys.stdout.buffer.flush()
 
 
 def _copy_to_stdout(path: Path) -> None:
     with open(path, "rb") as source:
-        while chunk := source.read(1 << 20):
-            sys.stdout.buffer.write(chunk)
+        shutil.copyfileobj(source, sys.stdout.buffer, 1 << 20)
     sys.stdout.buffer.flush()

@@ -130,6 +130,44 @@ class CocoWriter:
         self._next_annotation_id += len(lines)
         return image_id
 
+    def add_record(self, record: dict, polygons: bool = False) -> int:
+        """Add one image record (segcli.writers.records) and return its image id.
+
+        Video frames become images named `file#frame` with extra `video`, `frame` and
+        `timestamp` fields. With `polygons`, segmentations are the records' outer rings (COCO
+        polygons cannot hold holes); instances whose mask gave no polygon keep their RLE.
+        """
+        if self._closed:
+            raise RuntimeError("CocoWriter is closed")
+        image_id = self._next_image_id
+        lines = []
+        for k, instance in enumerate(record["instances"]):
+            annotation = self._from_instance(self._next_annotation_id + k, image_id, instance, polygons)
+            lines.append(_json_line(annotation))
+        image = {"id": image_id, "file_name": record["file"], "width": record["width"], "height": record["height"]}
+        if record.get("frame") is not None:
+            image.update(file_name=f"{record['file']}#{record['frame']}", video=record["file"],
+                         frame=record["frame"], timestamp=record["timestamp"])
+        self._commit(b"" if self.results_only else _json_line(image), b"".join(lines))
+        self._next_image_id += 1
+        self._next_annotation_id += len(lines)
+        return image_id
+
+    def _from_instance(self, annotation_id: int, image_id: int, instance: dict, polygons: bool) -> dict:
+        category_id = instance["category_id"]
+        if category_id not in self._category_ids:
+            raise ValueError(f"unknown category id {category_id}")
+        segmentation = instance["segmentation"]
+        if polygons:
+            rings = [[v for point in polygon[0][:-1] for v in point] for polygon in instance.get("polygons", [])]
+            segmentation = rings or segmentation
+        if self.results_only:
+            return {"image_id": image_id, "category_id": category_id, "bbox": instance["bbox"],
+                    "score": instance["score"], "segmentation": segmentation}
+        return {"id": annotation_id, "image_id": image_id, "category_id": category_id, "bbox": instance["bbox"],
+                "area": float(instance["area"]), "segmentation": segmentation, "score": instance["score"],
+                "iscrowd": 0}
+
     def _annotation(
         self, annotation_id: int, image_id: int, box: np.ndarray, score: float, category_id: int, rle: dict, area
     ) -> dict:

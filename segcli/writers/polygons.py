@@ -1,0 +1,110 @@
+"""Instance masks to polygons: every part of a mask, with its holes, valid, in pixel coordinates.
+
+Coordinates are continuous image coordinates: the image spans [0, W] x [0, H] and pixel (col, row)
+is the square [col, col+1] x [row, row+1] (the COCO bbox convention). OpenCV traces contours
+through the centres of boundary pixels; those polygons are grown by half a pixel (mitred), which
+gives the outline of the pixel squares themselves, so one-pixel-wide parts keep their area and
+re-rasterized polygons match the mask. `tolerance` (pixels) then simplifies each ring
+(Douglas-Peucker, topology preserved, so the result stays valid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import shapely
+from shapely.geometry import MultiPolygon, Polygon
+from shapely.geometry.polygon import orient
+
+_MITRE = 2  # shapely's join_style for sharp corners: pixel outlines are axis-aligned
+
+
+@dataclass
+class MaskPolygon:
+    """One connected part of a mask: its outer ring and its holes, each a list of (x, y)."""
+
+    exterior: list[tuple[float, float]]
+    holes: list[list[tuple[float, float]]]
+
+    def flat_exterior(self) -> list[float]:
+        """[x1, y1, x2, y2, ...] without the closing repeat: COCO, YOLO and LabelMe style."""
+        return [round(v, 2) for point in self.exterior[:-1] for v in point]
+
+
+def mask_polygons(mask: np.ndarray, tolerance: float = 1.0) -> list[MaskPolygon]:
+    """Polygons of an [H, W] binary mask: one per connected part (8-connected), largest first.
+
+    Holes are kept; parts inside holes are parts of their own. Every polygon is valid (shapely)
+    and oriented with a counter-clockwise exterior (in x-right, y-up terms). An empty mask gives [].
+    """
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    geometry = mask_geometry(mask, tolerance)
+    parts = list(geometry.geoms) if isinstance(geometry, MultiPolygon) else [geometry] if not geometry.is_empty else []
+    parts.sort(key=lambda p: -p.area)
+    return [
+        MaskPolygon([(float(x), float(y)) for x, y in p.exterior.coords],
+                    [[(float(x), float(y)) for x, y in ring.coords] for ring in p.interiors])
+        for p in parts
+    ]
+
+
+def mask_geometry(mask: np.ndarray, tolerance: float = 1.0) -> Polygon | MultiPolygon:
+    """The mask as one valid shapely (Multi)Polygon; see `mask_polygons`."""
+    binary = np.ascontiguousarray(np.asarray(mask) != 0, dtype=np.uint8)
+    if binary.ndim != 2:
+        raise ValueError(f"mask must be [H, W], got shape {binary.shape}")
+    if not binary.any():
+        return Polygon()
+    # Crop to the mask's bounding box: contour tracing then costs the mask, not the image.
+    rows = np.flatnonzero(binary.any(axis=1))
+    cols = np.flatnonzero(binary.any(axis=0))
+    top, left = int(rows[0]), int(cols[0])
+    crop = np.pad(binary[top : rows[-1] + 1, left : cols[-1] + 1], 1)
+    contours, hierarchy = cv2.findContours(crop, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    offset = np.array([left - 1 + 0.5, top - 1 + 0.5])  # undo the crop and pad; pixel centres
+    rings = [c.reshape(-1, 2).astype(np.float64) + offset for c in contours]
+    pieces = []
+    for i, ring in enumerate(rings):
+        if hierarchy[0][i][3] != -1:
+            continue  # a hole: added with its outer ring below
+        holes = [rings[j] for j in range(len(rings)) if hierarchy[0][j][3] == i]
+        pieces.append(_grown(ring, holes))
+    geometry = shapely.unary_union(pieces)
+    if tolerance > 0:
+        geometry = geometry.simplify(tolerance, preserve_topology=True)
+    if not geometry.is_valid:  # not expected after buffer + topology-preserving simplify; be safe
+        geometry = shapely.make_valid(geometry)
+    return _oriented(_polygons_only(geometry))
+
+
+def _grown(exterior: np.ndarray, holes: list[np.ndarray]):
+    """Grow a pixel-centre ring (with holes) by half a pixel into the outline of its pixels."""
+    if len(exterior) < 3:  # a single pixel or a straight run: a point or a line
+        line = shapely.LineString(exterior) if len(exterior) > 1 else shapely.Point(exterior[0])
+        return line.buffer(0.5, cap_style=3, join_style=_MITRE)
+    polygon = Polygon(exterior, [h for h in holes if len(h) >= 3])
+    if not polygon.is_valid:  # zero-width necks traced twice: let buffer(0) sort them out
+        polygon = shapely.make_valid(polygon)
+    grown = polygon.buffer(0.5, join_style=_MITRE, mitre_limit=2.0)
+    # The ring itself also covers its pixels where the polygon is thinner than a pixel.
+    outline = shapely.LineString(np.vstack([exterior, exterior[:1]])).buffer(0.5, cap_style=3, join_style=_MITRE)
+    return shapely.union(grown, outline)
+
+
+def _polygons_only(geometry) -> Polygon | MultiPolygon:
+    if isinstance(geometry, (Polygon, MultiPolygon)):
+        return geometry
+    parts = [g for g in getattr(geometry, "geoms", []) if isinstance(g, (Polygon, MultiPolygon))]
+    flat = [p for g in parts for p in (g.geoms if isinstance(g, MultiPolygon) else [g])]
+    return MultiPolygon(flat) if flat else Polygon()
+
+
+def _oriented(geometry: Polygon | MultiPolygon) -> Polygon | MultiPolygon:
+    if geometry.is_empty:
+        return geometry
+    if isinstance(geometry, Polygon):
+        return orient(geometry, 1.0)
+    return MultiPolygon([orient(p, 1.0) for p in geometry.geoms if not p.is_empty])
