@@ -275,17 +275,28 @@ def test_repairs_ground_truth_that_pycocotools_would_misread(tmp_path):
     broken["annotations"][2]["id"] = broken["annotations"][1]["id"]
     for ann in broken["annotations"][:10]:
         del ann["iscrowd"]
+    broken["annotations"][3]["segmentation"] = []  # pycocotools fails on it
+    del broken["annotations"][4]["area"]
     evaluation = run_evaluation_files(write_json(tmp_path / "gt.json", broken), results)
     assert any("renumbered" in w for w in evaluation.warnings)
     assert any("10 annotations have no iscrowd" in w for w in evaluation.warnings)
+    assert any("1 annotations have empty or degenerate polygons" in w for w in evaluation.warnings)
+    assert any("1 annotations have no area; taken from the mask" in w for w in evaluation.warnings)
     repaired = copy.deepcopy(broken)
     for number, ann in enumerate(repaired["annotations"], start=1):
         ann["id"] = number
         ann.setdefault("iscrowd", 0)
+    image = next(i for i in gt["images"] if i["id"] == repaired["annotations"][3]["image_id"])
+    empty = mask_utils.encode(np.zeros((image["height"], image["width"], 1), np.uint8, order="F"))[0]
+    repaired["annotations"][3]["segmentation"] = empty
+    fourth = repaired["annotations"][4]
+    fourth["area"] = float(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(
+        fourth["segmentation"], *next((i["height"], i["width"]) for i in gt["images"] if i["id"] == fourth["image_id"])))))
+    assert abs(fourth["area"] - gt["annotations"][4]["area"]) < 0.1 * gt["annotations"][4]["area"]
     assert_same_as_by_hand(evaluation.report, repaired, results)
     # ...which differs from what pycocotools makes of the file as it is: the repair matters.
-    assert by_hand(broken | {"annotations": [dict(a, iscrowd=a.get("iscrowd", 0)) for a in broken["annotations"]]},
-                   results, "bbox")[0] != [evaluation.report["bbox"][n] for n in STAT_NAMES]
+    as_is = [dict(a, iscrowd=a.get("iscrowd", 0), area=a.get("area", 0.0)) for a in broken["annotations"]]
+    assert by_hand(broken | {"annotations": as_is}, results, "bbox")[0] != [evaluation.report["bbox"][n] for n in STAT_NAMES]
 
 
 def test_categories_numbered_differently_are_paired_by_name(tmp_path):
@@ -497,3 +508,15 @@ def test_in_memory_results_may_hold_numpy_values():
                  "segmentation": {"size": r["segmentation"]["size"], "counts": r["segmentation"]["counts"].encode()}}
                 for r in results]
     assert evaluate_coco(gt, as_numpy) == evaluate_files(gt_path, results)
+
+
+def test_ground_truth_without_masks_scores_boxes_only(tmp_path):
+    gt_path = require(FRUITS_NUTS)
+    gt = json.loads(gt_path.read_text())
+    for ann in gt["annotations"]:
+        del ann["segmentation"]
+    boxes_only = write_json(tmp_path / "boxes_gt.json", gt)
+    results = noisy_predictions(gt_path, seed=41)
+    evaluation = run_evaluation_files(boxes_only, results)
+    assert "segm" in evaluation.skipped and "ground-truth annotations have no mask" in evaluation.skipped["segm"]
+    assert_same_as_by_hand(evaluation.report, boxes_only, results, iou_types=("bbox",))

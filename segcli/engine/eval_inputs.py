@@ -120,21 +120,25 @@ def ground_truth_from_dataset(data: Any, where: str = "ground truth") -> GroundT
         if ann["category_id"] not in category_ids:
             unknown_categories.add(ann["category_id"])
         height, width = sizes[ann["image_id"]]
-        segmentation = ann.get("segmentation")
-        rle = _gt_rle(segmentation, height, width, f"{where}: annotation {ann.get('id', f'#{index}')}")
-        if rle is None:
+        label = f"{where}: annotation {ann.get('id', f'#{index}')}"
+        if ann.get("segmentation") is None:
             has_masks = False
+        elif not _plain_mask(ann["segmentation"], height, width, label):
+            # Empty or broken outlines make pycocotools fail; what is left of them is the mask.
+            ann["segmentation"] = _mask_rle(ann["segmentation"], height, width, label)
+            repaired["segmentation"] += 1
         if "iscrowd" not in ann:
             ann["iscrowd"] = 0
             repaired["iscrowd"] += 1
         if not _is_box(ann.get("bbox")):
-            if rle is None:
-                raise UsageError(f"{where}: annotation {ann.get('id', f'#{index}')} has neither a bbox nor a segmentation")
-            ann["bbox"] = [float(v) for v in mask_utils.toBbox(rle)]
+            if ann.get("segmentation") is None:
+                raise UsageError(f"{label} has neither a bbox nor a segmentation")
+            ann["bbox"] = [float(v) for v in mask_utils.toBbox(_mask_rle(ann["segmentation"], height, width, label))]
             repaired["bbox"] += 1
         if not _is_number(ann.get("area")):
             x, y, w, h = ann["bbox"]
-            ann["area"] = float(mask_utils.area(rle)) if rle is not None else float(w * h)
+            ann["area"] = (float(w * h) if ann.get("segmentation") is None
+                           else float(mask_utils.area(_mask_rle(ann["segmentation"], height, width, label))))
             repaired["area"] += 1
     if unknown_images:
         warnings.append(f"{where}: {len(unknown_images)} annotations of images not listed in 'images' ignored "
@@ -143,8 +147,10 @@ def ground_truth_from_dataset(data: Any, where: str = "ground truth") -> GroundT
         warnings.append(f"{where}: annotations of category ids {_some(sorted(unknown_categories))} not listed in "
                         f"'categories' are not scored")
     for key, count in sorted(repaired.items()):
-        what = {"iscrowd": "taken as 0", "bbox": "taken from the mask", "area": "taken from the mask"}[key]
-        warnings.append(f"{where}: {count} annotations have no {key}; {what}")
+        what = {"iscrowd": "have no iscrowd; taken as 0", "bbox": "have no bbox; taken from the mask",
+                "area": "have no area; taken from the mask",
+                "segmentation": "have empty or degenerate polygons; scored as what is left of their mask"}[key]
+        warnings.append(f"{where}: {count} annotations {what}")
     ids = [ann.get("id") for ann in data["annotations"]]
     if not all(_is_int(i) and i > 0 for i in ids) or len(set(ids)) != len(ids):
         for number, ann in enumerate(data["annotations"], start=1):
@@ -158,23 +164,34 @@ def ground_truth_from_dataset(data: Any, where: str = "ground truth") -> GroundT
     return GroundTruth(coco, warnings, has_masks)
 
 
-def _gt_rle(segmentation: Any, height: int, width: int, where: str) -> dict | None:
-    """The annotation's mask as a compressed RLE (for checks and repairs), None without a mask."""
-    if segmentation is None or segmentation == []:
-        return None
+def _plain_mask(segmentation: Any, height: int, width: int, label: str) -> bool:
+    """True for a mask pycocotools reads as it is (checked by shape, without decoding it): polygons
+    of at least 3 points, or RLE of the image's size. False for outlines it cannot read (empty,
+    fewer than 3 points). UsageError for anything that is not a mask at all."""
+    if isinstance(segmentation, list):
+        return bool(segmentation) and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segmentation)
+    if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
+        if list(segmentation["size"]) != [height, width]:
+            raise UsageError(f"{label}: mask size {list(segmentation['size'])} is not its image's [{height}, {width}]")
+        return True
+    raise UsageError(f"{label}: segmentation is neither polygons nor RLE")
+
+
+def _mask_rle(segmentation: Any, height: int, width: int, label: str) -> dict:
+    """Any polygon or RLE mask as one compressed RLE; outlines of fewer than 3 points are dropped."""
     try:
         if isinstance(segmentation, list):
-            polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6]
+            polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
             if not polygons:
-                return None
+                return mask_utils.encode(np.zeros((height, width, 1), np.uint8, order="F"))[0]
             return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
         if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
             return mask_utils.frPyObjects(segmentation, height, width)
         if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
-            return segmentation
+            return {"size": [height, width], "counts": segmentation["counts"]}
     except Exception as error:  # pycocotools raises bare Exceptions and TypeErrors on malformed masks
-        raise UsageError(f"{where}: unreadable segmentation ({error})")
-    raise UsageError(f"{where}: segmentation is neither polygons nor RLE")
+        raise UsageError(f"{label}: unreadable segmentation ({error})")
+    raise UsageError(f"{label}: segmentation is neither polygons nor RLE")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,22 +340,10 @@ def normalize_results(gt: COCO, annotations: list, where: str = "predictions", w
 def _prediction_rle(segmentation: Any, height: int, width: int, label: str) -> dict | str | None:
     if segmentation is None:
         return None
-    try:
-        if isinstance(segmentation, list):
-            polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
-            if not polygons:  # an empty or degenerate outline: a detection with an empty mask
-                return mask_utils.encode(np.zeros((height, width, 1), np.uint8, order="F"))[0]
-            return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-        if isinstance(segmentation, dict) and "size" in segmentation and "counts" in segmentation:
-            if list(segmentation["size"]) != [height, width]:
-                return "wrong size"
-            if isinstance(segmentation["counts"], list):
-                return mask_utils.frPyObjects(segmentation, height, width)
-            if isinstance(segmentation["counts"], (str, bytes)):
-                return {"size": [height, width], "counts": segmentation["counts"]}
-    except Exception as error:  # pycocotools raises bare Exceptions and TypeErrors on malformed masks
-        raise UsageError(f"{label}: unreadable segmentation ({error})")
-    raise UsageError(f"{label}: segmentation is neither polygons nor RLE")
+    if isinstance(segmentation, dict) and "size" in segmentation and list(segmentation["size"]) != [height, width]:
+        return "wrong size"
+    # An empty or degenerate outline is still a detection: one with an empty mask.
+    return _mask_rle(segmentation, height, width, label)
 
 
 def _match_images(gt: COCO, images: list, where: str, warnings: list[str]) -> dict[int, int]:
