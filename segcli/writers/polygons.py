@@ -4,8 +4,10 @@ Coordinates are continuous image coordinates: the image spans [0, W] x [0, H] an
 is the square [col, col+1] x [row, row+1] (the COCO bbox convention). OpenCV traces contours
 through the centres of boundary pixels; those polygons are grown by half a pixel (mitred), which
 gives the outline of the pixel squares themselves, so one-pixel-wide parts keep their area and
-re-rasterized polygons match the mask. `tolerance` (pixels) then simplifies each ring
-(Douglas-Peucker, topology preserved, so the result stays valid).
+re-rasterized polygons match the mask. Each ring is simplified before growing (Douglas-Peucker on
+the centre line, topology preserved, so the result stays valid) with `tolerance` pixels, capped at
+2% of the part's size: a fixed tolerance would eat a tenth of a 15-pixel object, and with the cap
+re-rasterized polygons keep an IoU of at least 0.95 with their masks (tested on real COCO masks).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.polygon import orient
 
 _MITRE = 2  # shapely's join_style for sharp corners: pixel outlines are axis-aligned
+RELATIVE_TOLERANCE = 0.02
+"""Simplification never moves an edge by more than 2% of the part's size (sqrt of its area)."""
 
 
 @dataclass
@@ -71,26 +75,33 @@ def mask_geometry(mask: np.ndarray, tolerance: float = 1.0) -> Polygon | MultiPo
         if hierarchy[0][i][3] != -1:
             continue  # a hole: added with its outer ring below
         holes = [rings[j] for j in range(len(rings)) if hierarchy[0][j][3] == i]
-        pieces.append(_grown(ring, holes))
-    geometry = shapely.unary_union(pieces)
-    if tolerance > 0:
-        geometry = geometry.simplify(tolerance, preserve_topology=True)
+        pieces.append(_grown(ring, holes, tolerance))
+    # Growing parts that touch diagonally merges them; simplifying again only drops collinear points.
+    geometry = shapely.unary_union(pieces).simplify(0.01, preserve_topology=True)
     if not geometry.is_valid:  # not expected after buffer + topology-preserving simplify; be safe
         geometry = shapely.make_valid(geometry)
     return _oriented(_polygons_only(geometry))
 
 
-def _grown(exterior: np.ndarray, holes: list[np.ndarray]):
-    """Grow a pixel-centre ring (with holes) by half a pixel into the outline of its pixels."""
+def _grown(exterior: np.ndarray, holes: list[np.ndarray], tolerance: float):
+    """Simplify a pixel-centre ring (with holes), then grow it by half a pixel into the outline of
+    its pixels. Simplifying the centre line, not the grown staircase, keeps the outline on the
+    pixel edges: pixels whose centres are inside stay inside."""
     if len(exterior) < 3:  # a single pixel or a straight run: a point or a line
         line = shapely.LineString(exterior) if len(exterior) > 1 else shapely.Point(exterior[0])
         return line.buffer(0.5, cap_style=3, join_style=_MITRE)
     polygon = Polygon(exterior, [h for h in holes if len(h) >= 3])
-    if not polygon.is_valid:  # zero-width necks traced twice: let buffer(0) sort them out
+    # Each simplified edge may sit up to `tolerance` off the outline, which costs a small part a
+    # large share of its area: cap it at a fraction of the part's size (see module docstring).
+    tolerance = min(tolerance, RELATIVE_TOLERANCE * float(np.sqrt(len(exterior) + abs(Polygon(exterior).area))))
+    if tolerance > 0:
+        polygon = polygon.simplify(tolerance, preserve_topology=True)
+    if not polygon.is_valid:  # zero-width necks traced twice: make_valid sorts them out
         polygon = shapely.make_valid(polygon)
     grown = polygon.buffer(0.5, join_style=_MITRE, mitre_limit=2.0)
     # The ring itself also covers its pixels where the polygon is thinner than a pixel.
-    outline = shapely.LineString(np.vstack([exterior, exterior[:1]])).buffer(0.5, cap_style=3, join_style=_MITRE)
+    ring = np.asarray(polygon.exterior.coords) if isinstance(polygon, Polygon) and not polygon.is_empty else exterior
+    outline = shapely.LineString(np.vstack([ring, ring[:1]])).buffer(0.5, cap_style=3, join_style=_MITRE)
     return shapely.union(grown, outline)
 
 
