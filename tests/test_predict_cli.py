@@ -137,13 +137,22 @@ def test_usage_and_weights_errors_are_one_line(args, code, words, checkpoint, ph
         assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
 
 
-def test_paths_on_stdin_and_json_on_stdout(checkpoint, photos):
+def test_paths_on_stdin_and_json_lines_on_stdout(checkpoint, photos):
     listing = "\n".join(str(p) for p in photos[:2]) + "\n"
-    result = segcli("predict", "-", "--weights", str(checkpoint), "--quiet", stdin=listing)
+    result = segcli("predict", "-", "--weights", str(checkpoint), "--quiet", "--score-thr", "0.05", stdin=listing)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # --quiet
-    data = json.loads(result.stdout)
-    assert [image["file_name"] for image in data["images"]] == [str(p) for p in photos[:2]]
+    lines = [json.loads(line) for line in result.stdout.splitlines()]  # JSON Lines: the stdout default
+    assert [line["file"] for line in lines] == [str(p) for p in photos[:2]]
+    for line in lines:
+        assert line["frame"] is None and (line["width"], line["height"]) == read_image(Path(line["file"])).shape[1::-1]
+        assert line["instances"]
+        for instance in line["instances"]:
+            assert set(instance) == {"category_id", "category_name", "score", "bbox", "area", "segmentation"}
+            assert instance["segmentation"]["size"] == [line["height"], line["width"]]
+    # COCO on stdout when asked for: one complete document.
+    result = segcli("predict", "-", "--weights", str(checkpoint), "--quiet", "--format", "coco", stdin=listing)
+    assert [image["file_name"] for image in json.loads(result.stdout)["images"]] == [str(p) for p in photos[:2]]
 
 
 def test_batches_of_mixed_sizes_give_the_same_detections_as_one_by_one(checkpoint, photos):
