@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import os
@@ -45,6 +46,11 @@ GROUND_TRUTHS = {"coco_tiny_val": COCO_TINY_VAL, "coco_tiny_train": COCO_TINY_TR
 
 def noisy_predictions(gt_path: Path, seed: int = 0, polygon_share: float = 0.3, boxes: bool = True) -> list[dict]:
     """A results list (ground-truth image ids) that scores somewhere between 0 and 1 on every stat."""
+    return copy.deepcopy(_noisy_predictions(gt_path, seed, polygon_share, boxes))
+
+
+@functools.lru_cache(maxsize=None)  # the same noise is asked for by several tests: make it once
+def _noisy_predictions(gt_path: Path, seed: int, polygon_share: float, boxes: bool) -> list[dict]:
     rng = np.random.default_rng(seed)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(gt_path))
@@ -404,7 +410,7 @@ def test_pr_curves_are_pycocotools_precision_averaged_over_classes(tmp_path):
 )
 def test_user_errors_are_one_line_and_exit_2(args, words, tmp_path, capsys):
     gt_path = require(FRUITS_NUTS)
-    results = noisy_predictions(gt_path, seed=31)[:20]
+    results = noisy_predictions(gt_path, seed=23)[:20]
     paths = {
         "gt": str(gt_path), "tmp": str(tmp_path),
         "pred": str(write_json(tmp_path / "pred.json", results)),
@@ -520,3 +526,23 @@ def test_ground_truth_without_masks_scores_boxes_only(tmp_path):
     evaluation = run_evaluation_files(boxes_only, results)
     assert "segm" in evaluation.skipped and "ground-truth annotations have no mask" in evaluation.skipped["segm"]
     assert_same_as_by_hand(evaluation.report, boxes_only, results, iou_types=("bbox",))
+
+
+@pytest.mark.parametrize("iou_type", ["segm", "bbox"])
+def test_per_image_work_in_forked_processes_gives_identical_numbers(iou_type):
+    """The chunked evaluation hands pycocotools' accumulate() the same records in the same order."""
+    from segcli.engine.parallel_cocoeval import run_cocoeval
+
+    gt_path = require(COCO_TINY_TRAIN)
+    results = noisy_predictions(gt_path, seed=43)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_path))
+        detections = gt.loadRes(copy.deepcopy(results))
+        alone = run_cocoeval(gt, detections, iou_type, workers=1)
+        split = run_cocoeval(gt, detections, iou_type, workers=3)  # 32 images: chunks of 11, 11, 10
+    assert list(split.stats) == list(alone.stats)
+    for key in ("precision", "recall", "scores"):
+        assert np.array_equal(split.eval[key], alone.eval[key]), key
+    assert len(split.evalImgs) == len(alone.evalImgs)
+    assert [r is None for r in split.evalImgs] == [r is None for r in alone.evalImgs]
+    assert evaluate_files(gt_path, results, workers=2) == evaluate_files(gt_path, results, workers=1)

@@ -29,13 +29,17 @@ def evaluate(
         None, "--report", help="Write the metrics as JSON to this file (-: JSON on stdout, tables on stderr)."
     ),
     plots: Optional[str] = typer.Option(None, "--plots", help="Write precision-recall curves (pr_segm.png, pr_bbox.png) here."),
+    workers: Optional[int] = typer.Option(
+        None, help="Processes for pycocotools' per-image work (default: one per 32 images, up to the CPU count)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No warnings or progress on stderr."),
 ) -> None:
     """Score predictions against COCO ground truth with pycocotools: metrics and per-class AP on stdout."""
     from segcli.engine.evaluate import EvalOptions, run_eval
 
     options = EvalOptions(gt=gt, pred=pred, images=images, weights=weights, arch=arch, device=device,
-                          save_pred=save_pred, iou_type=iou_type, report=report, plots=plots, quiet=quiet)
+                          save_pred=save_pred, iou_type=iou_type, report=report, plots=plots, workers=workers,
+                          quiet=quiet)
     try:
         outcome = run_eval(options)
     except SegcliError as error:

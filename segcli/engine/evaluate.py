@@ -33,6 +33,7 @@ from segcli.engine.eval_inputs import (
     normalize_results,
     pycocotools_output,
 )
+from segcli.engine.parallel_cocoeval import default_workers, run_cocoeval
 from segcli.errors import UsageError
 
 IOU_TYPES = ("segm", "bbox")
@@ -66,39 +67,43 @@ def parse_iou_types(value: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def evaluate_files(gt: str | Path, predictions: str | Path | list[dict] | dict,
-                   iou_types: str | Sequence[str] = IOU_TYPES, quiet: bool = True) -> dict:
+                   iou_types: str | Sequence[str] = IOU_TYPES, quiet: bool = True, workers: int | None = None) -> dict:
     """Score predictions (a file `segcli predict` writes, a results list file, or such a list or
     dict already parsed) against the COCO ground truth file `gt`; return the `--report` dict.
 
     Raises UsageError for unusable inputs. `quiet=False` lets pycocotools print its own summary,
-    on stderr."""
-    return run_evaluation_files(gt, predictions, iou_types, quiet).report
+    on stderr. `workers`: processes for pycocotools' per-image work (None: by size and CPUs; the
+    numbers do not depend on it)."""
+    return run_evaluation_files(gt, predictions, iou_types, quiet, workers).report
 
 
 def evaluate_coco(gt: COCO, results: list[dict], iou_types: str | Sequence[str] = IOU_TYPES,
-                  quiet: bool = True) -> dict:
+                  quiet: bool = True, workers: int = 1) -> dict:
     """Score an in-memory results list (`[{"image_id", "category_id", "score", "bbox",
     "segmentation"}]`, ground-truth ids; RLE, polygon or no masks) against a pycocotools COCO.
 
     For a trainer's validation pass: `gt` is built once (`COCO()` with `.dataset` set and
     `createIndex()`, or `load_ground_truth(path).coco`) and reused; `results` is not modified.
     Note that pycocotools' COCOeval converts `gt`'s polygons to RLE in place, as it always does.
-    Results for images or categories `gt` does not have are left out."""
+    Results for images or categories `gt` does not have are left out. `workers > 1` forks that
+    many processes for pycocotools' per-image work (same numbers); the default stays in-process,
+    the safe choice inside a training process (CUDA, data-loader workers)."""
     iou_types = parse_iou_types(iou_types)
     results_ = normalize_results(gt, results)
-    return evaluate(GroundTruth(gt), results_, iou_types, quiet).report
+    return evaluate(GroundTruth(gt), results_, iou_types, quiet, workers=workers).report
 
 
 def run_evaluation_files(gt: str | Path, predictions: str | Path | list[dict] | dict,
-                         iou_types: str | Sequence[str] = IOU_TYPES, quiet: bool = True) -> Evaluation:
+                         iou_types: str | Sequence[str] = IOU_TYPES, quiet: bool = True,
+                         workers: int | None = None) -> Evaluation:
     iou_types = parse_iou_types(iou_types)
     truth = load_ground_truth(gt)
     results = load_results(truth.coco, predictions)
-    return evaluate(truth, results, iou_types, quiet)
+    return evaluate(truth, results, iou_types, quiet, workers=workers)
 
 
 def evaluate(truth: GroundTruth, results: Results, iou_types: Sequence[str], quiet: bool = True,
-             stderr: TextIO | None = None) -> Evaluation:
+             stderr: TextIO | None = None, workers: int | None = 1) -> Evaluation:
     """Run COCOeval for each IoU type that can run; the others are explained in `skipped`.
 
     segm needs a mask on every prediction and every ground-truth annotation (pycocotools would
@@ -120,14 +125,12 @@ def evaluate(truth: GroundTruth, results: Results, iou_types: Sequence[str], qui
             warnings.append(reason + "; scoring bbox only")
     runnable = [t for t in iou_types if t not in skipped]
     evals: dict[str, COCOeval] = {}
+    if workers is None:
+        workers = default_workers(len(truth.coco.imgs))
     with pycocotools_output(quiet, stderr):
         detections = _load_res(truth.coco, results.results)
         for iou_type in runnable:
-            evaluator = COCOeval(truth.coco, detections, iou_type)
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
-            evals[iou_type] = evaluator
+            evals[iou_type] = run_cocoeval(truth.coco, detections, iou_type, workers)
     return Evaluation(build_report(truth.coco, evals), evals, warnings, skipped)
 
 
@@ -202,6 +205,7 @@ class EvalOptions:
     iou_type: str = "segm,bbox"
     report: str | None = None  # "-": JSON on stdout instead of the tables
     plots: str | None = None
+    workers: int | None = None  # processes for pycocotools' per-image work; None: by size and CPUs
     quiet: bool = False
 
 
@@ -226,7 +230,7 @@ def run_eval(options: EvalOptions, stdout: TextIO | None = None, stderr: TextIO 
         results, failed = _predict_then_load(options, truth.coco, stderr)
     else:
         results = load_results(truth.coco, options.pred)
-    evaluation = evaluate(truth, results, iou_types, quiet=True)
+    evaluation = evaluate(truth, results, iou_types, quiet=True, workers=options.workers)
     for message in evaluation.warnings:
         warn(message)
     for path, reason in failed:
@@ -269,6 +273,8 @@ def _check_flags(options: EvalOptions) -> None:
     for flag, value in (("--report", options.report), ("--save-pred", options.save_pred)):
         if value not in (None, "-") and Path(value).is_dir():
             raise UsageError(f"{flag} {value}: is a folder; give a file name such as {flag[2:]}.json")
+    if options.workers is not None and options.workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {options.workers}")
     if options.save_pred == "-":
         raise UsageError("--save-pred needs a file name (stdout carries the tables)")
     if options.plots is not None and Path(options.plots).exists() and not Path(options.plots).is_dir():
