@@ -16,11 +16,16 @@ import numpy as np
 
 from segcli.data.images import ImageReadError, check_regular_file
 
+# FFmpeg prints its own complaints about damaged streams ("Invalid NAL unit size") straight to
+# stderr, several lines per bad video; segcli reports a bad video in one line itself. OpenCV reads
+# this when it first opens a video; a user who wants FFmpeg's messages sets it (e.g. to 16).
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
 
 @dataclass
 class Frame:
     index: int  # 0-based position in the video, counting every frame (also those skipped by the stride)
-    timestamp: float  # seconds from the start of the video
+    timestamp: float  # seconds from the start of the video: index / fps (constant frame rate assumed)
     image: np.ndarray  # HxWx3 uint8 RGB
 
 
@@ -84,10 +89,11 @@ class VideoReader:
             raise ImageReadError(self.path, "video has no frames (empty, truncated or corrupt)")
 
     def _timestamp(self, position_ms: float, index: int) -> float:
-        # FFmpeg reports the frame's own presentation time; fall back to index / fps without one.
-        if position_ms and position_ms > 0 or index == 0:
-            return round(max(position_ms, 0.0) / 1000.0, 6)
-        return round(index / self.info.fps, 6) if self.info.fps > 0 else 0.0
+        # index / fps: FFmpeg's own position is off by the decoder's delay in some containers (AVI
+        # starts at 0.2 s and steps back at the end), so it is used only when the rate is unknown.
+        if self.info.fps > 0:
+            return round(index / self.info.fps, 6)
+        return round(max(position_ms or 0.0, 0.0) / 1000.0, 6)
 
     def close(self) -> None:
         self._capture.release()

@@ -105,11 +105,15 @@ class OverlayWriter:
             fourcc, suffix = self._codec
             final = self.out / (stem + suffix)
             final.parent.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
+            # FFmpeg picks the container from the extension, so the temporary name must end with it.
+            handle, temporary = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp" + suffix, dir=final.parent)
             os.close(handle)
             height, width = image_rgb.shape[:2]
             writer = cv2.VideoWriter(temporary, cv2.VideoWriter_fourcc(*fourcc), fps if fps > 0 else 10.0,
                                      (width, height))
+            if not writer.isOpened():
+                os.unlink(temporary)
+                raise RuntimeError(f"OpenCV cannot write the overlay video {final}")
             self._videos[stem] = (writer, temporary, stem + suffix, (width, height))
         writer, _, _, size = self._videos[stem]
         canvas = draw(image_rgb, record)
