@@ -7,7 +7,10 @@ repeated `--copies` times under new image ids and names; the predictions are its
 jittered boxes and eroded masks plus false detections, `--per-image` per image (what a detector
 at score 0.05 gives COCO evaluation). Timed, best of --repeat:
   by hand    COCO(gt), loadRes(results file), COCOeval evaluate/accumulate/summarize, segm + bbox
-  segcli     evaluate_files(gt, results file): reading, checks, pairing, the same COCOeval, report
+  segcli-1   evaluate_files(gt, results file, workers=1): reading, checks, pairing, the same
+             COCOeval in one process, report (segcli's overhead over pycocotools)
+  segcli     the same with the default workers (pycocotools' per-image work in forked processes,
+             one per 32 images up to the CPU count)
   segcli-ds  the same from the COCO dataset file `segcli predict` writes (pairing by file_name)
   cli        `python -m segcli eval --gt ... --pred ... --report ...` end to end (process start incl.)
 The numbers of all four must be identical; the ratio is segcli's time over the by-hand time.
@@ -128,6 +131,7 @@ def main() -> None:
                    "--report", str(report_path), "--quiet"]
         runs = {
             "by hand": lambda: by_hand(gt_path, results_path),
+            "segcli-1": lambda: evaluate_files(gt_path, results_path, workers=1),
             "segcli": lambda: evaluate_files(gt_path, results_path),
             "segcli-ds": lambda: evaluate_files(gt_path, dataset_path),
             "cli": lambda: (subprocess.run(command, check=True, capture_output=True, cwd=ROOT),
@@ -138,7 +142,10 @@ def main() -> None:
             times[name], value = timed(run, args.repeat)
             stats[name] = value if name == "by hand" else {t: [value[t][n] for n in STAT_NAMES] for t in ("segm", "bbox")}
         images = args.copies * 32
-        print(f"{images} images, {images * args.per_image} predictions, segm + bbox (best of {args.repeat})")
+        from segcli.engine.parallel_cocoeval import default_workers
+
+        print(f"{images} images, {images * args.per_image} predictions, segm + bbox (best of {args.repeat}); "
+              f"default workers here: {default_workers(images)}")
         print(f"{'':10} {'seconds':>8} {'ratio':>6}  numbers")
         for name in runs:
             same = "identical" if stats[name] == stats["by hand"] else "DIFFERENT"

@@ -241,22 +241,30 @@ def run_eval(options: EvalOptions, stdout: TextIO | None = None, stderr: TextIO 
     if not results.results:
         warn("there are no predictions to score")
 
+    # Files first: if one cannot be written, the run fails before printing results it did not keep.
+    if options.report not in (None, "-"):
+        try:
+            with atomic_write(options.report) as handle:
+                json.dump(evaluation.report, handle, indent=2)
+                handle.write("\n")
+        except OSError as error:
+            raise UsageError(f"--report {options.report}: cannot write ({error.strerror or error})")
+    if options.plots is not None:
+        from segcli.engine.pr_plots import write_pr_plots
+
+        try:
+            written = write_pr_plots(evaluation.evals, Path(options.plots))
+        except OSError as error:
+            raise UsageError(f"--plots {options.plots}: cannot write ({error.strerror or error})")
+        for path in written:
+            if not options.quiet:
+                print(f"segcli: wrote {path}", file=stderr)
     if options.report == "-":
         stdout.write(json.dumps(evaluation.report, indent=2) + "\n")
         stdout.flush()
         print_tables(evaluation.report, instance_counts(truth.coco), stderr)
     else:
         print_tables(evaluation.report, instance_counts(truth.coco), stdout)
-    if options.report not in (None, "-"):
-        with atomic_write(options.report) as handle:
-            json.dump(evaluation.report, handle, indent=2)
-            handle.write("\n")
-    if options.plots is not None:
-        from segcli.engine.pr_plots import write_pr_plots
-
-        for path in write_pr_plots(evaluation.evals, Path(options.plots)):
-            if not options.quiet:
-                print(f"segcli: wrote {path}", file=stderr)
     return EvalOutcome(evaluation, failed)
 
 
