@@ -8,6 +8,7 @@ that scores spread like a trained model's (benchmarks.common.seeded_state_dict).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ def photos() -> list[Path]:
 def checkpoint(tmp_path_factory, photos) -> Path:
     from benchmarks.common import seeded_state_dict
 
-    state = seeded_state_dict(ARCH, photos[:2])
+    state = seeded_state_dict(ARCH, photos[:1])
     path = tmp_path_factory.mktemp("weights") / "small.pt"
     save_checkpoint(path, state, ARCH, coco_categories(), coco_label_to_category_id(), {"seed": 0})
     return path
@@ -55,22 +56,33 @@ def checkpoint(tmp_path_factory, photos) -> Path:
 
 @pytest.fixture(scope="module")
 def eager(checkpoint):
-    """The eager model with the export's settings: threshold 0.05, 100 per image, 4096 candidates, fp32."""
+    """The eager model with the export's settings: threshold 0.05, 100 per image, 4096 candidates,
+    fp32. Results are cached by input (both formats compare with the same reference)."""
     ckpt = resolve_weights(str(checkpoint))
     model = model_from_checkpoint(ckpt, DetectionSettings(score_threshold=0.05, candidate_cap=CUDA_CANDIDATE_CAP))
     known = {c["id"] for c in ckpt.categories}
     model.roi_heads.restrict_labels([cid in known for cid in ckpt.label_to_category_id])
-    return prepare_for_inference(model, torch.device("cpu"), "fp32")
+    model = prepare_for_inference(model, torch.device("cpu"), "fp32")
+    cache = {}
+
+    def run(batch, sizes):
+        key = (hash(batch.numpy().tobytes()), tuple(sizes))
+        if key not in cache:
+            cache[key] = model(batch, sizes)
+        return cache[key]
+
+    return run
 
 
 @pytest.fixture(scope="module", params=FORMATS)
-def exported(request, checkpoint, tmp_path_factory) -> Path:
-    """Each format exported once through the CLI, with its built-in verification on the bundled photos."""
+def exported(request, checkpoint, photos, tmp_path_factory) -> Path:
+    """Each format exported once through the CLI, traced and verified on one 480x640 photo."""
     fmt = request.param
     if fmt == "onnx":
         pytest.importorskip("onnxruntime")
     out = tmp_path_factory.mktemp("export") / f"small{SUFFIX[fmt]}"
-    result = runner.invoke(app, ["export", "--weights", str(checkpoint), "--format", fmt, "--out", str(out)])
+    result = runner.invoke(app, ["export", "--weights", str(checkpoint), "--format", fmt, "--out", str(out),
+                                 "--images", str(photos[0])])
     assert result.exit_code == 0, result.output
     assert "verified: " in result.output and out.is_file()
     return out
@@ -80,8 +92,8 @@ def images_of(paths) -> list[np.ndarray]:
     return [read_image(p) for p in paths]
 
 
-def assert_parity(reference, candidate, image: int = 0, min_total: int = 50) -> None:
-    ref, cand = reference.rows(image), candidate.rows(image)
+def assert_parity(reference, candidate, image: int = 0, min_total: int = 50, candidate_image: int | None = None) -> None:
+    ref, cand = reference.rows(image), candidate.rows(image if candidate_image is None else candidate_image)
     report = compare_detections(
         reference.boxes[ref], reference.scores[ref], reference.labels[ref], reference.mask_probs[ref] > 0.5,
         candidate.boxes[cand], candidate.scores[cand], candidate.labels[cand], candidate.mask_probs[cand] > 0.5,
@@ -102,10 +114,10 @@ def test_exported_file_is_recognized_and_carries_metadata(exported):
 
 
 def test_parity_with_eager_on_real_photos(exported, eager, photos):
-    """Each photo alone; the export was traced on the bundled 375x500 samples, these include 480x640 and 427x640."""
+    """Each photo alone, at sizes other than the traced 480x640: 375x500 and 427x640."""
     model, _ = load_exported(str(exported))
     sizes_seen = set()
-    for image in images_of(photos[:3]):
+    for image in images_of([photos[2], photos[5]]):
         batch, sizes = collate([image])
         sizes_seen.add(sizes[0])
         assert_parity(eager(batch, sizes), model(batch, sizes))
@@ -175,21 +187,28 @@ def _assert_same_predictions(reference: Path, candidate: Path) -> int:
     return total
 
 
+_PREDICT_CACHE: dict[str, bytes] = {}
+
+
 def test_predict_round_trip_matches_eager_predict(exported, checkpoint, photos, tmp_path):
     """`segcli predict --weights model.onnx|model.ts` gives the eager checkpoint's COCO file (fp32),
     with --score-thr, --max-det and --classes applied to the exported outputs."""
     source = tmp_path / "photos"
     source.mkdir()
-    for p in photos[:3]:
+    for p in photos[1:3]:
         (source / p.name).write_bytes(p.read_bytes())
     flags = ["--score-thr", "0.2", "--max-det", "15", "--precision", "fp32", "--device", "cpu", "-q"]
     outputs = {}
     for name, weights in (("eager", checkpoint), ("exported", exported)):
         outputs[name] = tmp_path / f"{name}.json"
+        if name == "eager" and name in _PREDICT_CACHE:  # the same for both formats
+            outputs[name].write_bytes(_PREDICT_CACHE[name])
+            continue
         result = runner.invoke(app, ["predict", str(source), "--weights", str(weights), "--out", str(outputs[name]), *flags])
         assert result.exit_code == 0, result.output
+        _PREDICT_CACHE.setdefault(name, outputs[name].read_bytes()) if name == "eager" else None
     count = _assert_same_predictions(outputs["eager"], outputs["exported"])
-    assert count >= 30  # 3 photos x up to 15
+    assert count >= 20  # 2 photos x up to 15
     per_image = _coco_by_image(outputs["exported"])
     assert all(len(anns) <= 15 and all(a["score"] > 0.2 for a in anns) for anns in per_image.values())
     # --classes keeps the named categories only.
@@ -213,6 +232,8 @@ def test_predict_rejects_flags_the_export_cannot_honour(exported, photos):
 
 def test_verification_fails_when_the_models_differ(exported, checkpoint, photos):
     """Verification is a real check: an eager model with other weights does not pass."""
+    if exported.suffix == ".onnx":
+        pytest.skip("the check is format-independent; once is enough")
     ckpt = resolve_weights(str(checkpoint))
     ckpt.state_dict["roi_heads.box_predictor.cls_score.weight"] *= 1.5
     other = prepare_for_inference(model_from_checkpoint(ckpt, DetectionSettings(candidate_cap=CUDA_CANDIDATE_CAP)),
@@ -245,26 +266,24 @@ def test_fixed_batch_and_image_size_onnx(checkpoint, eager, photos, tmp_path):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     out = tmp_path / "fixed.onnx"
-    summary = run_export(ExportOptions(weights=str(checkpoint), format="onnx", out=str(out), batch=2,
-                                       image_size=(416, 576), images=[str(photos[2]), str(photos[4])]))
-    assert summary.verification is not None and summary.verification.passed
+    # Verification is left to the checks below (the same comparisons, on more cases).
+    run_export(ExportOptions(weights=str(checkpoint), format="onnx", out=str(out), batch=2, image_size=(416, 576),
+                             images=[str(photos[2])], verify=False))
     dims = [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(out)).graph.input]
     assert dims == [[2, 416, 576, 3], [2, 2]]
     model, _ = load_exported(str(out))
     small = images_of([photos[2]])[0]  # 375 x 500 fits the canvas
-    batch, sizes = collate([small])  # a batch of one, padded to two
-    assert_parity(eager(batch, sizes), model(batch, sizes))
     large = images_of([photos[0]])[0]  # 480 x 640: scaled down to 416 x 554, boxes scaled back
-    batch, sizes = collate([small, large, small])  # two chunks of two
+    batch, sizes = collate([small, large, small])  # two chunks of two, the second padded
     detections = model(batch, sizes)
     assert set(detections.image_index.tolist()) == {0, 1, 2}
+    assert_parity(eager(*collate([small])), detections, 0, candidate_image=2)
     assert detections.paste_masks(1).shape[1:] == (640, 480)
     fitted, scale = fit_image(torch.from_numpy(large), 416, 576)
     assert fitted.shape[:2] == (416, 554)
-    reference = eager(*collate([fitted.numpy()]))
-    reference.boxes = reference.boxes * scale
-    detections.image_index = torch.where(detections.image_index == 1, 0, -1)  # image 1 alone, as image 0
-    assert_parity(reference, detections)
+    fitted_reference = eager(*collate([fitted.numpy()]))
+    reference = dataclasses.replace(fitted_reference, boxes=fitted_reference.boxes * scale)  # the cache stays intact
+    assert_parity(reference, detections, 0, candidate_image=1)
 
 
 def test_missing_onnxruntime_is_one_clear_line(exported, photos, monkeypatch):
