@@ -201,6 +201,14 @@ class Journal:
                 position += len(line)
                 entry.records = moved
         self._entries = keep
+        self._orphans = False
+        # The rename replaced the file: appends must go to the new one.
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = open(old, "ab", buffering=0)
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     # -- queries and appends ----------------------------------------------------------------
     def is_done(self, key: str) -> bool:
