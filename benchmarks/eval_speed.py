@@ -9,11 +9,13 @@ at score 0.05 gives COCO evaluation). Timed, best of --repeat:
   by hand    COCO(gt), loadRes(results file), COCOeval evaluate/accumulate/summarize, segm + bbox
   segcli-1   evaluate_files(gt, results file, workers=1): reading, checks, pairing, the same
              COCOeval in one process, report (segcli's overhead over pycocotools)
-  segcli     the same with the default workers (pycocotools' per-image work in forked processes,
-             one per 32 images up to the CPU count)
-  segcli-ds  the same from the COCO dataset file `segcli predict` writes (pairing by file_name)
+  segcli-N   the same with pycocotools' per-image work in N forked processes (--workers, default
+             the CPU count)
+  segcli-ds  evaluate_files from the COCO dataset file `segcli predict` writes (pairing by
+             file_name), default workers (1 on <= 2 cores, else one per 32 images up to the CPUs)
   cli        `python -m segcli eval --gt ... --pred ... --report ...` end to end (process start incl.)
-The numbers of all four must be identical; the ratio is segcli's time over the by-hand time.
+The numbers of all must be identical; the ratios are segcli's seconds over the by-hand seconds,
+wall-clock and CPU (this process plus its children: on a busy machine, the steadier of the two).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import contextlib
 import copy
 import io
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -109,13 +112,22 @@ def by_hand(gt_path: Path, results_path: Path) -> dict:
     return stats
 
 
-def timed(function, repeat: int) -> tuple[float, object]:
-    best, value = float("inf"), None
+def timed(function, repeat: int) -> tuple[float, float, object]:
+    """Best wall seconds and best CPU seconds (this process and its finished children) of `repeat` runs.
+
+    CPU seconds matter on a shared machine: other jobs stretch wall time, not CPU time."""
+    best, best_cpu, value = float("inf"), float("inf"), None
     for _ in range(repeat):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), _cpu()
         value = function()
         best = min(best, time.perf_counter() - started)
-    return best, value
+        best_cpu = min(best_cpu, _cpu() - cpu_started)
+    return best, best_cpu, value
+
+
+def _cpu() -> float:
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def main() -> None:
@@ -123,33 +135,36 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--per-image", type=int, default=100)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=0, help="processes of the forked row (0: the CPU count, >= 2)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         gt_path, results_path, dataset_path = make_inputs(Path(folder), args.copies, args.per_image)
         report_path = Path(folder) / "report.json"
         command = [sys.executable, "-m", "segcli", "eval", "--gt", str(gt_path), "--pred", str(results_path),
                    "--report", str(report_path), "--quiet"]
+        forked = args.workers or max(2, os.cpu_count() or 1)
         runs = {
             "by hand": lambda: by_hand(gt_path, results_path),
             "segcli-1": lambda: evaluate_files(gt_path, results_path, workers=1),
-            "segcli": lambda: evaluate_files(gt_path, results_path),
+            f"segcli-{forked}": lambda: evaluate_files(gt_path, results_path, workers=forked),
             "segcli-ds": lambda: evaluate_files(gt_path, dataset_path),
             "cli": lambda: (subprocess.run(command, check=True, capture_output=True, cwd=ROOT),
                             json.loads(report_path.read_text()))[1],
         }
-        times, stats = {}, {}
+        times, cpu, stats = {}, {}, {}
         for name, run in runs.items():
-            times[name], value = timed(run, args.repeat)
+            times[name], cpu[name], value = timed(run, args.repeat)
             stats[name] = value if name == "by hand" else {t: [value[t][n] for n in STAT_NAMES] for t in ("segm", "bbox")}
         images = args.copies * 32
         from segcli.engine.parallel_cocoeval import default_workers
 
         print(f"{images} images, {images * args.per_image} predictions, segm + bbox (best of {args.repeat}); "
               f"default workers here: {default_workers(images)}")
-        print(f"{'':10} {'seconds':>8} {'ratio':>6}  numbers")
+        print(f"{'':10} {'wall s':>7} {'ratio':>6} {'cpu s':>7} {'ratio':>6}  numbers")
         for name in runs:
             same = "identical" if stats[name] == stats["by hand"] else "DIFFERENT"
-            print(f"{name:10} {times[name]:8.2f} {times[name] / times['by hand']:6.2f}  {same}")
+            print(f"{name:10} {times[name]:7.2f} {times[name] / times['by hand']:6.2f} "
+                  f"{cpu[name]:7.2f} {cpu[name] / cpu['by hand']:6.2f}  {same}")
         print(f"segm AP {stats['by hand']['segm'][0]:.4f}, bbox AP {stats['by hand']['bbox'][0]:.4f}")
         if any(stats[name] != stats["by hand"] for name in runs):
             raise SystemExit("numbers differ")

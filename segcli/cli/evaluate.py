@@ -30,7 +30,7 @@ def evaluate(
     ),
     plots: Optional[str] = typer.Option(None, "--plots", help="Write precision-recall curves (pr_segm.png, pr_bbox.png) here."),
     workers: Optional[int] = typer.Option(
-        None, help="Processes for pycocotools' per-image work (default: one per 32 images, up to the CPU count)."
+        None, help="Processes for pycocotools' per-image work (default: one per 32 images, up to the CPU count; 1 on <= 2 cores)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No warnings or progress on stderr."),
 ) -> None:

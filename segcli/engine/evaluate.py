@@ -13,12 +13,14 @@ Python API (used by training for its validation AP):
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence, TextIO
+from typing import Iterable, Iterator, Sequence, TextIO
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -127,11 +129,27 @@ def evaluate(truth: GroundTruth, results: Results, iou_types: Sequence[str], qui
     evals: dict[str, COCOeval] = {}
     if workers is None:
         workers = default_workers(len(truth.coco.imgs))
-    with pycocotools_output(quiet, stderr):
+    with pycocotools_output(quiet, stderr), _without_cycle_collection():
         detections = _load_res(truth.coco, results.results)
         for iou_type in runnable:
             evals[iou_type] = run_cocoeval(truth.coco, detections, iou_type, workers)
     return Evaluation(build_report(truth.coco, evals), evals, warnings, skipped)
+
+
+@contextlib.contextmanager
+def _without_cycle_collection() -> Iterator[None]:
+    """Python's cycle collector off while pycocotools runs.
+
+    COCOeval makes hundreds of thousands of small dicts and arrays, which makes the collector walk
+    every live object again and again (a sixth of an evaluation's CPU time, measured), though they
+    form no cycles and are freed by reference counting anyway. Numbers are unaffected."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _load_res(gt: COCO, results: list[dict]) -> COCO:
