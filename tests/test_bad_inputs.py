@@ -158,7 +158,10 @@ def test_bad_inputs_mixed_with_good_ones(checkpoint, photos, tmp_path):  # noqa:
     )
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr and "[h264" not in result.stderr and "[mjpeg" not in result.stderr
-    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    # Nothing but our own lines: no decoder chatter from OpenCV, FFmpeg or Pillow.
+    assert all(line.startswith(("warning: ", "segcli: ", "  ")) for line in lines), lines
+    warnings = [line for line in lines if line.startswith("warning:")]
     for name, words in bad.items():
         mine = [line for line in warnings if line.startswith("warning: skipped ") and f"{name}: " in line]
         assert len(mine) == 1, (name, warnings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import warnings
 from typing import List, Optional
 
 import typer
@@ -62,6 +63,9 @@ def predict(
         masks=masks, poly_tolerance=poly_tolerance, classes=classes, vid_stride=vid_stride, overlay=overlay,
         resume=resume,
     )
+    # Pillow warns about oddities it recovers from ("Corrupt EXIF data"); segcli reports what
+    # matters about an input in its own one line, and a warning per file would flood cron logs.
+    warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
     # cron and container stops send SIGTERM: stop like Ctrl-C, so the output written so far is valid.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:

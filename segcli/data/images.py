@@ -197,9 +197,18 @@ def _exif_transpose(image: Image.Image) -> Image.Image:
         return image
 
 
+def quiet_opencv():
+    """cv2, with its own log silenced: its decoders print `[ERROR] TIFFReadDirectory...` and
+    `[WARN] VIDEOIO...` lines to stderr for files that segcli already reports in one line."""
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    return cv2
+
+
 def _read_with_opencv(path: Path, orientation: int, unidentified: bool = False) -> np.ndarray:
     """Decode with OpenCV (full bit depth), convert BGR(A) to RGB and apply the depth rule."""
-    import cv2  # imported here: only needed for the rare files Pillow cannot handle
+    cv2 = quiet_opencv()  # imported here: only needed for the rare files Pillow cannot handle
 
     try:
         data = np.fromfile(path, dtype=np.uint8)

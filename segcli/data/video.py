@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from segcli.data.images import ImageReadError, check_regular_file
+from segcli.data.images import ImageReadError, check_regular_file, quiet_opencv
 
 # FFmpeg prints its own complaints about damaged streams ("Invalid NAL unit size") straight to
 # stderr, several lines per bad video; segcli reports a bad video in one line itself. OpenCV reads
@@ -47,7 +47,7 @@ class VideoReader:
     def __init__(self, path: str | os.PathLike, stride: int = 1) -> None:
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
-        import cv2
+        cv2 = quiet_opencv()
 
         self.path = Path(path)
         self.stride = stride
