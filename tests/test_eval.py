@@ -548,3 +548,18 @@ def test_per_image_work_in_forked_processes_gives_identical_numbers(iou_type):
     assert len(split.evalImgs) == len(alone.evalImgs)
     assert [r is None for r in split.evalImgs] == [r is None for r in alone.evalImgs]
     assert evaluate_files(gt_path, results, workers=2) == evaluate_files(gt_path, results, workers=1)
+
+
+def test_images_without_matching_names_are_paired_by_id_and_sizes_are_checked(tmp_path):
+    gt_path = require(FRUITS_NUTS)
+    gt = json.loads(gt_path.read_text())
+    results = noisy_predictions(gt_path, seed=47)
+    renamed = [{**image, "file_name": f"renamed_{image['id']}.png"} for image in gt["images"]]
+    other = renamed[0]
+    renamed[0] = {**other, "width": other["width"] // 2}  # another image, whatever its id says
+    predictions = {"images": renamed, "categories": gt["categories"], "annotations": results}
+    evaluation = run_evaluation_files(gt_path, write_json(tmp_path / "p.json", predictions))
+    assert any("no file_name matches the ground truth; images are paired by id" in w for w in evaluation.warnings)
+    assert any(f"renamed_{other['id']}.png ({other['width'] // 2}x{other['height']}" in w for w in evaluation.warnings)
+    kept = [r for r in results if r["image_id"] != other["id"]]
+    assert_same_as_by_hand(evaluation.report, gt_path, kept)
