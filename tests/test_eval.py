@@ -563,3 +563,28 @@ def test_images_without_matching_names_are_paired_by_id_and_sizes_are_checked(tm
     assert any(f"renamed_{other['id']}.png ({other['width'] // 2}x{other['height']}" in w for w in evaluation.warnings)
     kept = [r for r in results if r["image_id"] != other["id"]]
     assert_same_as_by_hand(evaluation.report, gt_path, kept)
+
+
+def test_json_lines_records_of_segcli_predict(tmp_path):
+    """`segcli predict photos > preds.jsonl`: one record per image, paired by file name."""
+    gt_path = require(FRUITS_NUTS)
+    gt = json.loads(gt_path.read_text())
+    results = noisy_predictions(gt_path, seed=53, polygon_share=0.0)
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    lines = []
+    for image in reversed(gt["images"]):
+        instances = [{"category_id": r["category_id"], "category_name": names[r["category_id"]], "score": r["score"],
+                      "bbox": r["bbox"], "area": 1, "segmentation": r["segmentation"]}
+                     for r in results if r["image_id"] == image["id"]]
+        lines.append({"file": f"photos/{image['file_name']}", "frame": None, "timestamp": None,
+                      "width": image["width"], "height": image["height"], "instances": instances})
+    lines.append({"file": "clip.mp4", "frame": 3, "timestamp": 0.1, "width": 800, "height": 600,
+                  "instances": [dict(lines[0]["instances"][0])]})
+    path = tmp_path / "preds.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    evaluation = run_evaluation_files(gt_path, path)
+    assert any("clip.mp4#3" in w for w in evaluation.warnings)
+    assert_same_as_by_hand(evaluation.report, gt_path, results)
+    same_as_json = tmp_path / "preds.json"  # the extension is not what decides
+    same_as_json.write_text(path.read_text())
+    assert evaluate_files(gt_path, same_as_json) == evaluation.report

@@ -57,6 +57,60 @@ def read_json(path: str | Path, flag: str) -> Any:
         raise UsageError(f"{flag} {path}: cannot read ({error.strerror})")
 
 
+def read_predictions(path: str | Path, flag: str) -> Any:
+    """A predictions file: JSON (a COCO file or a results list), or JSON Lines (`segcli predict`'s
+    stream: one record per image, `{"file", "frame", "width", "height", "instances"}`)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".jsonl", ".ndjson"):
+        try:
+            return read_json(path, flag)
+        except UsageError as error:
+            if "Extra data" not in str(error):  # a second JSON value after the first: JSON Lines
+                raise
+    records = []
+    try:
+        with open(path, "rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise UsageError(f"{flag} {path}: line {number} is not valid JSON ({error.msg})")
+    except FileNotFoundError:
+        raise UsageError(f"{flag} {path}: no such file")
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: cannot read ({error.strerror})")
+    if not _is_records(records):
+        raise UsageError(f"{flag} {path}: JSON Lines, but not segcli predict records (file, width, height, instances)")
+    return records
+
+
+def _is_records(data: Any) -> bool:
+    if isinstance(data, dict):
+        return "instances" in data and "file" in data
+    return (isinstance(data, list) and bool(data)
+            and all(isinstance(r, dict) and "instances" in r and "file" in r for r in data))
+
+
+def records_to_dataset(records: Any) -> dict:
+    """JSON Lines records as the COCO dataset file `segcli predict` would have written for them.
+
+    A video frame's `file_name` is `clip.mp4#FRAME`, as segcli's COCO output names it."""
+    records = [records] if isinstance(records, dict) else records
+    images, annotations, categories = [], [], {}
+    for image_id, record in enumerate(records, start=1):
+        name = record["file"] if record.get("frame") is None else f"{record['file']}#{record['frame']}"
+        images.append({"id": image_id, "file_name": name, "width": record.get("width"), "height": record.get("height")})
+        for instance in record.get("instances") or []:
+            if not isinstance(instance, dict):
+                continue
+            if "category_name" in instance and _is_int(instance.get("category_id")):
+                categories.setdefault(instance["category_id"], str(instance["category_name"]))
+            annotations.append({**instance, "image_id": image_id})
+    return {"images": images, "annotations": annotations,
+            "categories": [{"id": cid, "name": name} for cid, name in sorted(categories.items())]}
+
+
 # ---------------------------------------------------------------------------------------------
 # Ground truth
 
@@ -220,12 +274,15 @@ def load_results(gt: COCO, predictions: str | Path | list | dict, flag: str = "-
     sides); only when no file name pairs at all, by image id. Its categories are paired by id, or
     by name where the names say the ids differ. A bare results list (`--format coco-results`, or
     any `[{"image_id", "category_id", "score", "bbox", "segmentation"}]`) uses the ground truth's
-    image and category ids as they are. Raises UsageError for a file that is not predictions at
-    all, or whose predictions all belong to images the ground truth does not have.
+    image and category ids as they are. JSON Lines records (`segcli predict`'s stream, one image
+    per line) are paired like a COCO file's images. Raises UsageError for a file that is not
+    predictions at all, or whose predictions all belong to images the ground truth does not have.
     """
     if where is None:
         where = f"{flag} {predictions}" if isinstance(predictions, (str, Path)) else "predictions"
-    data = read_json(predictions, flag) if isinstance(predictions, (str, Path)) else predictions
+    data = read_predictions(predictions, flag) if isinstance(predictions, (str, Path)) else predictions
+    if _is_records(data):
+        data = records_to_dataset(data)
     warnings: list[str] = []
     if isinstance(data, list):
         annotations, image_map, category_map = data, None, None
