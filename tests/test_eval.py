@@ -565,7 +565,7 @@ def test_images_without_matching_names_are_paired_by_id_and_sizes_are_checked(tm
     assert_same_as_by_hand(evaluation.report, gt_path, kept)
 
 
-def test_json_lines_records_of_segcli_predict(tmp_path):
+def test_json_lines_records_of_segcli_predict(tmp_path, capsys, monkeypatch):
     """`segcli predict photos > preds.jsonl`: one record per image, paired by file name."""
     gt_path = require(FRUITS_NUTS)
     gt = json.loads(gt_path.read_text())
@@ -588,3 +588,8 @@ def test_json_lines_records_of_segcli_predict(tmp_path):
     same_as_json = tmp_path / "preds.json"  # the extension is not what decides
     same_as_json.write_text(path.read_text())
     assert evaluate_files(gt_path, same_as_json) == evaluation.report
+    # `segcli predict photos | segcli eval --gt gt.json --pred -`
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(path.read_bytes())))
+    code, out, err = run_cli(capsys, "eval", "--gt", str(gt_path), "--pred", "-", "--report", "-", "-q")
+    assert code == 0, err
+    assert json.loads(out) == evaluation.report

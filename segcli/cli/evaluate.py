@@ -15,7 +15,7 @@ from segcli.errors import ExitCode, SegcliError
 def evaluate(
     gt: str = typer.Option(..., "--gt", help="Ground truth: a COCO dataset file (images, categories, annotations)."),
     pred: Optional[str] = typer.Option(
-        None, "--pred", help="Predictions: the COCO file segcli predict writes, or a bare results list."
+        None, "--pred", help="Predictions: a COCO file or JSON Lines from segcli predict, or a bare results list (-: stdin)."
     ),
     images: Optional[str] = typer.Option(
         None, "--images", help="Instead of --pred: predict this folder first (score > 0.05, 100 per image), then score."

@@ -57,31 +57,44 @@ def read_json(path: str | Path, flag: str) -> Any:
         raise UsageError(f"{flag} {path}: cannot read ({error.strerror})")
 
 
-def read_predictions(path: str | Path, flag: str) -> Any:
-    """A predictions file: JSON (a COCO file or a results list), or JSON Lines (`segcli predict`'s
-    stream: one record per image, `{"file", "frame", "width", "height", "instances"}`)."""
-    path = Path(path)
-    if path.suffix.lower() not in (".jsonl", ".ndjson"):
+def read_predictions(path: str | Path, flag: str, stdin: Any = None) -> Any:
+    """A predictions file (`-`: stdin): JSON (a COCO file or a results list), or JSON Lines
+    (`segcli predict`'s stream: one record per image, `{"file", "frame", "width", "height",
+    "instances"}`), told apart by content, not by name."""
+    import sys
+
+    if str(path) == "-":
+        where = f"{flag} - (stdin)"
+        content = (stdin or sys.stdin.buffer).read()
+    else:
+        path = Path(path)
+        where = f"{flag} {path}"
+        if not path.exists():
+            raise UsageError(f"{where}: no such file")
+        if path.is_dir():
+            raise UsageError(f"{where}: is a folder, not a JSON file")
         try:
-            return read_json(path, flag)
-        except UsageError as error:
-            if "Extra data" not in str(error):  # a second JSON value after the first: JSON Lines
-                raise
-    records = []
+            content = path.read_bytes()
+        except OSError as error:
+            raise UsageError(f"{where}: cannot read ({error.strerror})")
+    if not content.strip():
+        raise UsageError(f"{where}: empty")
     try:
-        with open(path, "rb") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise UsageError(f"{flag} {path}: line {number} is not valid JSON ({error.msg})")
-    except FileNotFoundError:
-        raise UsageError(f"{flag} {path}: no such file")
-    except OSError as error:
-        raise UsageError(f"{flag} {path}: cannot read ({error.strerror})")
+        return json.loads(content)
+    except UnicodeDecodeError:
+        raise UsageError(f"{where}: not valid JSON (not UTF-8 text)")
+    except json.JSONDecodeError as error:
+        if error.msg != "Extra data":  # a second JSON value after the first: JSON Lines
+            raise UsageError(f"{where}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})")
+    records = []
+    for number, line in enumerate(content.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise UsageError(f"{where}: line {number} is not valid JSON ({error.msg})")
     if not _is_records(records):
-        raise UsageError(f"{flag} {path}: JSON Lines, but not segcli predict records (file, width, height, instances)")
+        raise UsageError(f"{where}: JSON Lines, but not segcli predict records (file, width, height, instances)")
     return records
 
 
