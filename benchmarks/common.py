@@ -38,7 +38,7 @@ def torchvision_model(arch: str, num_classes: int = 91) -> MaskRCNN:
     if arch == "maskrcnn_resnet50_fpn_v2":
         return maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes)
     if arch == "maskrcnn_resnet18_fpn_small":
-        body = resnet18(norm_layer=FrozenBatchNorm2d)
+        body = resnet18()  # segcli's small architecture trains its body with ordinary BatchNorm
         backbone = BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in range(1, 5)}, [64, 128, 256, 512], 128,
                                    extra_blocks=LastLevelMaxPool())
         return MaskRCNN(

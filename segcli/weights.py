@@ -215,6 +215,8 @@ def infer_arch(state_dict: dict[str, torch.Tensor]) -> str:
     bottleneck = any(k.startswith("backbone.body.layer1.0.conv3.") for k in state_dict)
     if conv1 is not None and tuple(conv1.shape) == (64, 64, 3, 3) and not bottleneck:
         return "maskrcnn_resnet18_fpn_small"  # ResNet-18 basic blocks: 3x3 first conv, no conv3
+    if conv1 is not None and tuple(conv1.shape) == (32, 32, 3, 3) and not bottleneck:
+        return "maskrcnn_resnet18_fpn_tiny"  # the half-width ResNet-18
     if "rpn.head.conv.1.0.weight" in state_dict and "roi_heads.box_head.0.0.weight" in state_dict:
         return "maskrcnn_resnet50_fpn_v2"
     if "roi_heads.box_head.fc6.weight" in state_dict:
@@ -285,9 +287,16 @@ def resolve_weights(spec: str, arch: str | None = None, progress: bool = True) -
     # A missing registry (e.g. a wheel install) must not stop a local file from loading.
     elif (REGISTRY_PATH.is_file() or not is_file) and (found := lookup_registry(spec)) is not None:
         name, entry = found[0], dict(found[1], registry_name=found[0])
-        if not isinstance(entry.get("url"), str):
-            raise WeightsError(f"the weights registry entry {name!r} has no 'url'")
-        path = _cached_or_download(entry["url"], entry.get("sha256"), progress)
+        if isinstance(entry.get("file"), str):  # shipped in weights/ beside the registry: no download
+            path = REGISTRY_PATH.parent / entry["file"]
+            if not path.is_file():
+                raise WeightsError(f"the weights registry entry {name!r} names {path}, which is missing")
+            if entry.get("sha256") and not _matches(_sha256_of(path), entry["sha256"]):
+                raise WeightsError(f"{path} does not match its registry checksum {entry['sha256']}; reinstall segcli")
+        elif not isinstance(entry.get("url"), str):
+            raise WeightsError(f"the weights registry entry {name!r} has no 'url' or 'file'")
+        else:
+            path = _cached_or_download(entry["url"], entry.get("sha256"), progress)
     elif is_file:
         path = Path(spec).expanduser()
     else:

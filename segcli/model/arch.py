@@ -18,6 +18,7 @@ class ArchSpec:
     frozen_body_norm: bool  # v1 trains its ResNet with frozen BatchNorm; v2 with ordinary BatchNorm
     min_size: int
     max_size: int
+    resnet_width: int = 64  # channels of the ResNet stem; stages have 1x, 2x, 4x, 8x (x4 for ResNet-50)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -25,7 +26,11 @@ ARCHS: dict[str, ArchSpec] = {
     for spec in (
         ArchSpec("maskrcnn_resnet50_fpn", 50, 256, 1, "mlp", 1024, 256, False, True, 800, 1333),
         ArchSpec("maskrcnn_resnet50_fpn_v2", 50, 256, 2, "conv", 1024, 256, True, False, 800, 1333),
-        # Small and fast on a CPU: for tests, demos and CPU users. ResNet-18, narrow FPN and heads.
-        ArchSpec("maskrcnn_resnet18_fpn_small", 18, 128, 1, "mlp", 512, 128, False, True, 512, 853),
+        # Small and fast on a CPU: for tests and CPU users. ResNet-18, narrow FPN and heads. Its body
+        # trains with ordinary BatchNorm, so it can be trained from scratch (no ImageNet weights offline).
+        ArchSpec("maskrcnn_resnet18_fpn_small", 18, 128, 1, "mlp", 512, 128, False, False, 512, 853),
+        # Tiny: a half-width ResNet-18 (4M parameters, 8 MB in half precision), for simple domains and
+        # the demo checkpoint shipped in weights/.
+        ArchSpec("maskrcnn_resnet18_fpn_tiny", 18, 64, 1, "mlp", 256, 64, False, False, 256, 427, resnet_width=32),
     )
 }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models import resnet18, resnet50
+from torchvision.models import ResNet, resnet18, resnet50
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
@@ -24,10 +24,30 @@ ANCHOR_SIZES = (32, 64, 128, 256, 512)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
 
-def build_backbone(spec: ArchSpec) -> BackboneWithFPN:
-    """ResNet body + FPN with a max-pool level, normalized as torchvision's trained models are."""
+def build_body(spec: ArchSpec) -> ResNet:
+    """torchvision's ResNet, with its stem and stages narrowed when the spec asks for it (same layer
+    names, so the state-dict layout is the same as a full-width ResNet's)."""
     make = {18: resnet18, 50: resnet50}[spec.resnet_depth]
     body = make(weights=None, norm_layer=FrozenBatchNorm2d if spec.frozen_body_norm else nn.BatchNorm2d)
+    if spec.resnet_width != 64:
+        width, norm = spec.resnet_width, body._norm_layer
+        block = type(body.layer1[0])
+        body.inplanes = width
+        body.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        body.bn1 = norm(width)
+        for k in range(1, 5):
+            stage = body._make_layer(block, width * 2 ** (k - 1), len(getattr(body, f"layer{k}")), stride=1 if k == 1 else 2)
+            setattr(body, f"layer{k}", stage)
+        body.fc = nn.Linear(body.inplanes, 1)  # unused by detection; dropped by the FPN wrapper
+        for module in body.modules():  # ResNet's own initialization
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    return body
+
+
+def build_backbone(spec: ArchSpec) -> BackboneWithFPN:
+    """ResNet body + FPN with a max-pool level, normalized as torchvision's trained models are."""
+    body = build_body(spec)
     stage2 = body.inplanes // 8
     return BackboneWithFPN(
         body,
@@ -72,9 +92,18 @@ def build_model(
     )
 
 
+def resize_policy(checkpoint: Checkpoint) -> ResizePolicy | None:
+    """The input size a checkpoint was trained for (`segcli train --min-size/--max-size`), if recorded."""
+    size = checkpoint.meta.get("input_size")
+    if isinstance(size, dict) and isinstance(size.get("min_size"), int) and isinstance(size.get("max_size"), int):
+        return ResizePolicy(size["min_size"], size["max_size"])
+    return None
+
+
 def model_from_checkpoint(checkpoint: Checkpoint, detection: DetectionSettings | None = None) -> MaskRCNN:
     """Build the checkpoint's architecture and load its weights; a mismatch is a WeightsError."""
     model = build_model(checkpoint.arch, len(checkpoint.label_to_category_id), detection)
+    model.resize = resize_policy(checkpoint) or model.resize
     try:
         model.load_state_dict(checkpoint.state_dict)
     except RuntimeError as exc:
