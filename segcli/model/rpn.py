@@ -62,10 +62,19 @@ class RegionProposalNetwork(nn.Module):
 
     def forward(self, features: list[Tensor], padded_size: tuple[int, int], image_sizes: Tensor) -> Proposals:
         objectness, deltas = self.head_outputs(features)
-        anchors = self.anchor_generator(padded_size, [tuple(f.shape[-2:]) for f in features], features[0].device)
+        anchors = self.anchors(features, padded_size)
         s = self.settings
-        batch = features[0].shape[0]
-        k = s.pre_nms_top_n
+        return self.propose(objectness, deltas, anchors, image_sizes, s.pre_nms_top_n, s.post_nms_top_n)
+
+    def anchors(self, features: list[Tensor], padded_size: tuple[int, int]) -> list[Tensor]:
+        return self.anchor_generator(padded_size, [tuple(f.shape[-2:]) for f in features], features[0].device)
+
+    def propose(self, objectness: list[Tensor], deltas: list[Tensor], anchors: list[Tensor], image_sizes: Tensor,
+                pre_nms_top_n: int, post_nms_top_n: int) -> Proposals:
+        """The best `post_nms_top_n` boxes per image from the `pre_nms_top_n` best of each level."""
+        s = self.settings
+        batch = objectness[0].shape[0]
+        k = pre_nms_top_n
         level_boxes, level_scores, level_valid = [], [], []
         for level_objectness, level_deltas, level_anchors in zip(objectness, deltas, anchors):  # FPN levels
             scores, level_deltas = flatten_level(level_objectness.float(), level_deltas.float())
@@ -78,14 +87,14 @@ class RegionProposalNetwork(nn.Module):
             level_boxes.append(nn.functional.pad(boxes, (0, 0, 0, pad)))
             level_scores.append(nn.functional.pad(torch.sigmoid(top_scores), (0, pad), value=-1.0))
             level_valid.append(nn.functional.pad(valid, (0, pad), value=False))
-        num_levels = len(features)
+        num_levels = len(objectness)
         boxes = torch.stack(level_boxes, 1)  # [B, L, k, 4]
         scores = torch.stack(level_scores, 1)
         valid = torch.stack(level_valid, 1)
         # Groups are (image, level): torchvision runs NMS per image with the level as the class.
         keep = nms_padded(boxes.view(batch * num_levels, k, 4), valid.view(-1, k), None, s.nms_threshold)
         scores = torch.where(keep.view(batch, num_levels, k), scores, torch.full_like(scores, -1.0))
-        best_scores, best = scores.view(batch, -1).topk(min(s.post_nms_top_n, num_levels * k), dim=1)
+        best_scores, best = scores.view(batch, -1).topk(min(post_nms_top_n, num_levels * k), dim=1)
         best_boxes = boxes.view(batch, -1, 4).gather(1, best[..., None].expand(-1, -1, 4))
         best_valid = best_scores >= 0
         best_boxes = torch.where(best_valid[..., None], best_boxes, torch.zeros_like(best_boxes))

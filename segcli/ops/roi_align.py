@@ -5,7 +5,8 @@ clamped to the levels present. Features of level k have stride 2**k.
 
 Paths (both one call for all RoIs of all levels, no boolean indexing, no host sync):
 - CUDA with Triton: each program reads its own RoI's level map (`roi_align_triton`).
-- Otherwise: every level's pixels as rows of one channels-last float32 table, and each output bin
+- Otherwise, and whenever gradients are needed (training): every level's pixels as rows of one
+  channels-last float32 table, and each output bin
   a weighted sum of its 4 samples x 4 bilinear taps: one `embedding_bag` call. On 2 CPU cores this
   is ~30x faster than torchvision's roi_align kernel, with the same values to ~1e-6.
 """
@@ -95,6 +96,10 @@ class RoIPyramid:
         self.first_level = -round(math.log2(self.scales[0]))
         self._table: Tensor | None = None
 
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(f.requires_grad for f in self.features)
+
     def table(self) -> Tensor:
         """Every level's pixels as rows of channels: row = level offset + (n * H + y) * W + x."""
         if self._table is None:
@@ -106,7 +111,9 @@ class RoIPyramid:
     def __call__(self, boxes: Tensor, batch_index: Tensor, output_size: int, sampling_ratio: int = 2) -> Tensor:
         """Pool [R, C, output_size, output_size] float32 features for boxes [R, 4] (input-image coords)."""
         levels = assign_levels(boxes, self.first_level, self.first_level + len(self.features) - 1)
-        if boxes.is_cuda:
+        # The Triton kernel has no backward pass; training takes the gather path, which autograd
+        # differentiates (embedding_bag's gradient scatters into the feature table).
+        if boxes.is_cuda and not self.needs_grad:
             from segcli.ops import roi_align_triton  # triton is only worth importing for CUDA tensors
 
             if roi_align_triton.AVAILABLE:
