@@ -1,5 +1,79 @@
-"""`segcli train`: parse and validate flags, then hand over to its engine."""
+"""`segcli train`: parse and validate flags, then hand over to segcli.engine.train."""
 
 from __future__ import annotations
 
-from segcli.cli.app import EXIT_CODES_HELP, app, fail  # noqa: F401
+import sys
+from typing import Optional
+
+import typer
+
+from segcli.cli.app import EXIT_CODES_HELP, app, fail
+from segcli.errors import ExitCode, SegcliError, UsageError
+
+TRAIN_EPILOG = (
+    "Several GPUs or machines: torchrun --nproc-per-node N -m segcli train ... (DistributedDataParallel; only "
+    "rank 0 writes). " + EXIT_CODES_HELP + " Training also exits 1 when the loss diverges."
+)
+
+
+def parse_sizes(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--min-size {text!r}: give pixel sizes separated by commas, e.g. 480,512,544") from None
+
+
+@app.command(epilog=TRAIN_EPILOG)
+def train(
+    coco: str = typer.Option(..., "--coco", help="COCO instance annotations to train on (polygons or RLE)."),
+    images: Optional[str] = typer.Option(None, help="Folder the file_name paths are relative to (default: beside --coco, or its images/)."),
+    val_coco: Optional[str] = typer.Option(None, help="COCO annotations to validate on after every epoch (mask and box AP; picks best.pt)."),
+    val_images: Optional[str] = typer.Option(None, help="Images folder of --val-coco."),
+    weights: Optional[str] = typer.Option(None, help="Initial weights: registry name (coco), checkpoint or URL. Omitted: random initialization."),
+    arch: Optional[str] = typer.Option(None, help="Architecture (default: that of --weights, else maskrcnn_resnet50_fpn_v2)."),
+    epochs: int = typer.Option(12, help="Passes over the training set."),
+    batch_size: int = typer.Option(2, help="Images per iteration, per process."),
+    lr: Optional[float] = typer.Option(None, help="Base learning rate (default: 0.02 x total batch / 16 for SGD, 1e-4 for AdamW)."),
+    optimizer: str = typer.Option("sgd", help="sgd (momentum 0.9) or adamw."),
+    schedule: str = typer.Option("step", help="step (x0.1 at 2/3 and 8/9 of training) or cosine."),
+    warmup_iters: Optional[int] = typer.Option(None, help="Linear warmup iterations (default: min(1000, a tenth of training))."),
+    weight_decay: Optional[float] = typer.Option(None, help="Default 1e-4 (SGD), 0.05 (AdamW)."),
+    clip_grad: Optional[float] = typer.Option(None, help="Clip the gradient norm to this value."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (default: on for CUDA, off on CPUs, where bf16 training is slower)."),
+    min_size: Optional[str] = typer.Option(None, help="Short sides for multi-scale training, comma-separated (default: 80-100% of the architecture's)."),
+    max_size: Optional[int] = typer.Option(None, help="Longest side after resizing (default: the architecture's)."),
+    flip: bool = typer.Option(True, "--flip/--no-flip", help="Random horizontal flips."),
+    freeze_bn: Optional[bool] = typer.Option(None, "--freeze-bn/--train-bn", help="Keep BatchNorm statistics (default: frozen with --weights, trained from scratch)."),
+    rois_per_image: int = typer.Option(512, help="Sampled RoIs per image for the box and mask heads."),
+    workers: Optional[int] = typer.Option(None, help="Data-loading processes (default: min(4, CPU cores - 1))."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's own GPU)."),
+    out: str = typer.Option("runs/train", "--out", "-o", help="Run folder: last.pt, best.pt, metrics.jsonl."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
+    seed: int = typer.Option(0, help="Seed of the initialization, data order and augmentation."),
+    log_every: int = typer.Option(20, help="Iterations between log lines and metrics.jsonl entries."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr."),
+) -> None:
+    """Train or fine-tune Mask R-CNN on a COCO dataset; writes last.pt, best.pt and metrics.jsonl."""
+    from segcli.engine.train import TrainOptions, run_train
+
+    try:
+        options = TrainOptions(
+            coco=coco, images=images, val_coco=val_coco, val_images=val_images, weights=weights, arch=arch,
+            epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+            warmup_iters=warmup_iters, weight_decay=weight_decay, clip_grad=clip_grad, amp=amp,
+            min_sizes=parse_sizes(min_size), max_size=max_size, flip=flip, freeze_bn=freeze_bn,
+            rois_per_image=rois_per_image, workers=workers, device=device, out=out, resume=resume, seed=seed,
+            log_every=log_every, quiet=quiet,
+        )
+        summary = run_train(options)
+    except SegcliError as error:
+        fail(error)
+    except KeyboardInterrupt:
+        print("segcli: interrupted; the last finished epoch is in last.pt (continue with --resume)", file=sys.stderr)
+        raise typer.Exit(int(ExitCode.INTERRUPTED))
+    if not quiet:
+        best = f", best {summary.best} (mask AP {summary.best_ap:.3f})" if summary.best else ""
+        print(f"segcli: trained {summary.iterations} iterations in {summary.seconds / 60:.1f} min; last {summary.last}{best}",
+              file=sys.stderr)
