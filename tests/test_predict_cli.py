@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 from segcli.categories import coco_categories, coco_label_to_category_id
 from segcli.data.images import read_image
 from segcli.engine.predict import PredictOptions, Predictor, run_predict
+from segcli.errors import UsageError
 from segcli.model.build import build_model
 from segcli.model.parity import compare_detections
 from segcli.weights import save_checkpoint
@@ -230,3 +231,62 @@ def test_candidate_cap_used_on_cuda_keeps_the_same_detections(checkpoint, photos
     assert torch.equal(exact.boxes, capped.boxes) and torch.equal(exact.labels, capped.labels)
     tight = model_from_checkpoint(ckpt, DetectionSettings(score_threshold=0.05, candidate_cap=10))(batch, [image.shape[:2]])
     assert len(tight.boxes) <= 10 and torch.equal(tight.scores, exact.scores[: len(tight.scores)])
+
+
+VIDEO = COCO_TINY_VAL.parents[2] / "videos" / "arjun234_vtest.avi"
+
+
+def test_json_lines_stream_out_while_the_run_goes_on_and_sigterm_stops_cleanly(checkpoint):
+    video = require(VIDEO)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "segcli", "predict", str(video), "--weights", str(checkpoint),
+                                "--vid-stride", "20", "--max-det", "2", "-q"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=env)
+    first = json.loads(process.stdout.readline())
+    assert process.poll() is None  # the first line arrived while the video was still being read
+    assert first["frame"] == 0 and first["timestamp"] == 0.0 and first["file"] == str(video)
+    process.send_signal(15)  # SIGTERM, as cron or a container stop sends
+    rest, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and b"Traceback" not in stderr
+    frames = [json.loads(line)["frame"] for line in rest.splitlines()]  # whole lines only
+    assert frames == list(range(20, 20 * (len(frames) + 1), 20))
+
+
+@pytest.mark.skipif(shutil.which("jq") is None or shutil.which("sh") is None, reason="needs jq and sh")
+def test_find_pipe_predict_pipe_jq(checkpoint, photos, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in photos[:2]:
+        shutil.copy(photo, folder / photo.name)
+    command = (f"find {folder} -name '*.jpg' | sort | {sys.executable} -m segcli predict - --weights {checkpoint} "
+               f"--max-det 3 | jq -r .file; echo \"predict=${{PIPESTATUS:-done}}\"")
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.splitlines()[:2] == [str(folder / p.name) for p in photos[:2]]
+    assert "Traceback" not in result.stderr
+    # A reader that leaves early (`| head -1`) stops segcli quietly.
+    command = f"{sys.executable} -m segcli predict {require(VIDEO)} --weights {checkpoint} --vid-stride 40 | head -c 10"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout == '{"file":"/'[:10] or result.stdout.startswith('{"file"')
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
+def test_classes_keep_exactly_those_detections(checkpoint, photos, tmp_path):
+    def run(**extra):
+        out = tmp_path / f"p{len(list(tmp_path.iterdir()))}.jsonl"
+        run_predict(PredictOptions(sources=[str(photos[0])], out=str(out), weights=str(checkpoint), device="cpu",
+                                   precision="fp32", score_thr=0.06, progress=False, quiet=True, **extra))
+        return json.loads(out.read_text())["instances"]
+
+    everything = run()
+    assert 3 <= len(everything) < 100  # --max-det not binding: filtering after equals restricting before
+    counts = {}
+    for instance in everything:
+        counts[instance["category_name"]] = instance["category_id"]
+    chosen = sorted(counts.items())[:2]
+    spec = [chosen[0][0].upper(), str(chosen[1][1])]  # a name (any case) and an id
+    kept = run(classes=[",".join(spec)])
+    assert kept == [i for i in everything if i["category_id"] in {chosen[0][1], chosen[1][1]}]
+    with pytest.raises(UsageError, match="--classes: 'unicorn'"):
+        run(classes=["unicorn"])
