@@ -44,10 +44,9 @@ OUTPUT_NAMES = ("boxes", "scores", "labels", "masks", "image_index")
 INPUT_NAMES = ("images", "sizes")
 
 
-def resize_weights(src: Tensor, dst: Tensor, src_len: Tensor, out_len: Tensor) -> Tensor:
-    """Bilinear resize matrices [B, out_len, src_len]: row b maps its first src[b] entries to
-    dst[b] outputs (align_corners=False, as F.interpolate); rows past dst[b] are zero, which is
-    also the padding. Built from comparisons rather than scatters so every exporter takes it."""
+def resize_taps(src: Tensor, dst: Tensor, out_len: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Bilinear taps along one axis (align_corners=False, as F.interpolate), per image: source
+    indices i0, i1 [B, out_len] and their weights w0, w1, which are zero past dst[b] (the padding)."""
     pos = torch.arange(out_len, device=src.device).to(torch.float32)
     scale = src.to(torch.float32) / dst.to(torch.float32)
     source = ((pos[None, :] + 0.5) * scale[:, None] - 0.5).clamp(min=0)
@@ -56,10 +55,23 @@ def resize_weights(src: Tensor, dst: Tensor, src_len: Tensor, out_len: Tensor) -
     i1 = torch.minimum(i0 + 1, last)
     lam = source - i0.to(torch.float32)
     inside = (pos[None, :] < dst[:, None].to(torch.float32)).to(torch.float32)
-    cols = torch.arange(src_len, device=src.device)[None, None, :]
-    w0 = (cols == i0[..., None]).to(torch.float32) * ((1.0 - lam) * inside)[..., None]
-    w1 = (cols == i1[..., None]).to(torch.float32) * (lam * inside)[..., None]
-    return w0 + w1
+    return i0, i1, (1.0 - lam) * inside, lam * inside
+
+
+def resize_axis(x: Tensor, taps: tuple[Tensor, Tensor, Tensor, Tensor], dim: int) -> Tensor:
+    """Resize [B, C, H, W] along `dim` (2 or 3) with per-image taps: two gathers, so the cost
+    follows the output size, not input x output as a resize matrix's would on large photos."""
+    i0, i1, w0, w1 = taps
+    shape = [-1, x.shape[1], -1, -1]
+    if dim == 2:
+        index0, index1 = i0[:, None, :, None], i1[:, None, :, None]
+        weight0, weight1 = w0[:, None, :, None], w1[:, None, :, None]
+        shape[3] = x.shape[3]
+    else:
+        index0, index1 = i0[:, None, None, :], i1[:, None, None, :]
+        weight0, weight1 = w0[:, None, None, :], w1[:, None, None, :]
+        shape[2] = x.shape[2]
+    return torch.gather(x, dim, index0.expand(shape)) * weight0 + torch.gather(x, dim, index1.expand(shape)) * weight1
 
 
 class ExportableMaskRCNN(nn.Module):
@@ -96,12 +108,11 @@ class ExportableMaskRCNN(nn.Module):
         scale = torch.minimum(self.min_size / size_f.min(1).values, self.max_size / size_f.max(1).values)
         resized = torch.floor(size_f * scale[:, None]).to(torch.int64)
         padded = (resized.max(0).values + (SIZE_DIVISIBLE - 1)) // SIZE_DIVISIBLE * SIZE_DIVISIBLE
-        canvas = torch._shape_as_tensor(images)
         x = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0
         x = (x - self.mean) / self.std
-        wy = resize_weights(sizes[:, 0], resized[:, 0], canvas[1], padded[0])
-        wx = resize_weights(sizes[:, 1], resized[:, 1], canvas[2], padded[1])
-        x = torch.matmul(torch.matmul(wy[:, None], x), wx[:, None].transpose(-1, -2))
+        # Rows, then columns; rows past each image's resized size get zero weights: the padding.
+        x = resize_axis(x, resize_taps(sizes[:, 0], resized[:, 0], padded[0]), 2)
+        x = resize_axis(x, resize_taps(sizes[:, 1], resized[:, 1], padded[1]), 3)
         return x, resized
 
     # -- region proposals ------------------------------------------------------------------------
