@@ -123,12 +123,18 @@ def test_bad_inputs_are_skipped_with_one_line_each_and_exit_code_1(checkpoint, t
         (["predict", "{photo}", "--weights", "{checkpoint}", "--score-thr", "2"], 2, "--score-thr"),
         (["predict", "{photo}", "--weights", "{checkpoint}", "--format", "xml"], 2, "--format"),
         (["predict", "{photo}", "--no-such-flag"], 2, "no-such-flag"),
+        (["predict", "{photo}", "--weights", "{checkpoint}", "--format", "yolo", "--out", "{tmp}/y.json"], 2, "folder"),
+        (["predict", "{photo}", "--weights", "{checkpoint}", "--out", "{tmp}/p.xml"], 2, "cannot tell the output format"),
+        (["predict", "{photo}", "--weights", "{checkpoint}", "--classes", "unicorn"], 2, "--classes"),
+        (["predict", "{photo}", "--weights", "{checkpoint}", "--vid-stride", "0"], 2, "--vid-stride"),
     ],
 )
 def test_usage_and_weights_errors_are_one_line(args, code, words, checkpoint, photos, tmp_path):
     out = tmp_path / "keep.json"
     out.write_text("previous")
-    args = [a.format(photo=photos[0], checkpoint=checkpoint) for a in args] + ["--out", str(out)]
+    args = [a.format(photo=photos[0], checkpoint=checkpoint, tmp=tmp_path) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(out)]
     result = segcli(*args)
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr

@@ -275,7 +275,7 @@ def plan_output(options: PredictOptions) -> OutputPlan:
     if per_image:
         if out is None:
             raise UsageError(f"--format {fmt} writes one file per image: give a folder as --out")
-        if out.exists() and not out.is_dir():
+        if (out.exists() and not out.is_dir()) or (not out.exists() and out.suffix.lower() in _SUFFIX_FORMATS):
             raise UsageError(f"--format {fmt} writes one file per image: --out {options.out!r} is a file, give a folder")
     elif out is not None and out.is_dir():
         raise UsageError(f"--out {options.out!r} is a folder; give a file name such as preds.json for --format {fmt}")
