@@ -196,7 +196,7 @@ def run_export(options: ExportOptions, log=lambda message: None) -> ExportSummar
         data = torchscript_bytes(graph, example, build_metadata(checkpoint, model, options, opset))
     verification = None
     if options.verify:
-        log(f"verifying on {len(samples)} photos ...")
+        log(f"verifying on {len(samples)} photo{'' if len(samples) == 1 else 's'} ...")
         # Verified from a file, loaded exactly as predict loads it, before --out is touched.
         with tempfile.TemporaryDirectory(prefix="segcli-export-") as folder:
             candidate = Path(folder) / out.name

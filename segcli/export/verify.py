@@ -42,7 +42,8 @@ class Verification:
         return min(self.reports, key=lambda item: item[1].fraction)
 
     def __str__(self) -> str:
-        return f"{self.matched} of {self.total} detections match the eager model over {len(self.reports)} image runs"
+        runs = len(self.reports)
+        return f"{self.matched} of {self.total} detections match the eager model over {runs} image run{'' if runs == 1 else 's'}"
 
 
 def collate(images: list[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
