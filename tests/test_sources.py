@@ -161,3 +161,14 @@ def test_same_file_name_from_two_sources_is_disambiguated(tmp_path, monkeypatch)
     assert items[2].path == Path("day2/img.jpg") and items[3].path == Path("x/day2/img.jpg")
     # Deterministic: the same arguments give the same names.
     assert _names(expand_sources(["day1", "day2", "x/day2"])) == names
+
+
+def test_folders_pick_up_videos_beside_images(tmp_path):
+    from segcli.data.sources import VIDEO_EXTENSIONS
+
+    assert {".mp4", ".avi", ".mkv", ".mov", ".webm"} <= VIDEO_EXTENSIONS
+    _touch(tmp_path, "b.jpg", "cam/a.MP4", "c.mkv", "d.webm", "notes.srt", ".hidden.mov")
+    items = expand_sources([str(tmp_path)])
+    assert _names(items) == ["b.jpg", "c.mkv", "cam/a.MP4", "d.webm"]
+    assert [item.is_video for item in items] == [False, True, True, True]
+    assert expand_sources([str(tmp_path / "c.mkv")])[0].is_video  # a video named directly
