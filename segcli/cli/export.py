@@ -14,7 +14,7 @@ from segcli.errors import ExitCode, SegcliError
 @app.command(epilog=EXIT_CODES_HELP)
 def export(
     weights: str = typer.Option(..., help="Registry name, local checkpoint path, or http(s) URL."),
-    format: str = typer.Option(..., "--format", help="torchscript or onnx (needs: pip install \"segcli[onnx]\")."),
+    format: str = typer.Option(..., "--format", help="torchscript or onnx (needs: pip install \"segcli\\[onnx]\")."),
     out: str = typer.Option(..., "--out", "-o", help="File to write (.onnx for ONNX; e.g. .ts for TorchScript)."),
     arch: Optional[str] = typer.Option(None, help="Architecture of a plain torchvision state dict."),
     opset: Optional[int] = typer.Option(None, help="ONNX opset, 16 to 20 (default 17)."),
@@ -23,15 +23,16 @@ def export(
         None, metavar="H W", help="Fix the input image size (default: dynamic); smaller images are padded, larger ones scaled down."
     ),
     images: Optional[List[str]] = typer.Option(
-        None, help="Photos to verify with (files, folders, globs; the first 4 are used). Default: bundled samples."
+        None, help="Photos to verify with: files, folders, globs; repeat the flag for several; the first 4 are used. Default: bundled samples."
     ),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Compare the exported model with the eager one."),
     score_thr: float = typer.Option(0.05, help="Lowest score the exported model keeps; predict's --score-thr filters above it."),
     max_det: int = typer.Option(100, help="Most detections per image the exported model keeps."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
 ) -> None:
-    """Export the model to TorchScript or ONNX (uint8 images in, boxes, scores, labels, masks out), verified
-    against the eager model on real photos."""
+    """Export the model to TorchScript or ONNX (uint8 images in, boxes, scores, labels, 28x28 masks out),
+    verified against the eager model on real photos before the file is written. A failed
+    verification writes nothing and exits with 3; without onnx/onnxruntime, ONNX export exits with 3."""
     from segcli.engine.export import ExportOptions, run_export
 
     options = ExportOptions(
