@@ -14,7 +14,8 @@ decoding, pasting or file writing, which are the same code for all four).
   onnxruntime   `segcli export --format onnx`, ONNX Runtime's CPU provider
 
 Ratios are against eager fp32. The exports are also checked against eager fp32 with the parity
-contract (segcli.model.parity), so a fast but wrong export would show.
+contract (segcli.model.parity), so a fast but wrong export would show; bf16's count is for
+information (it is not meant to reproduce fp32 detections one by one).
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def bench_arch(arch: str, photos: list[Path], folder: Path) -> None:
     for name, precision in (("eager fp32", "fp32"), ("eager bf16", "bf16")):
         rate, outputs = timed(eager_model(checkpoint, precision), inputs)
         reference = reference or outputs
-        rows.append((name, rate, parity(reference, outputs) if precision != "fp32" else "reference"))
+        # bf16 changes features enough to move near-threshold detections; it is not held to fp32 parity
+        # (predict_throughput.py scores bf16 against fp32 as mask AP instead). Shown for information.
+        rows.append((name, rate, f"{parity(reference, outputs)} (bf16: information only)" if precision != "fp32" else "reference"))
     for fmt, suffix in (("torchscript", ".ts"), ("onnx", ".onnx")):
         out = folder / f"{arch}{suffix}"
         export_start = time.perf_counter()
