@@ -35,8 +35,8 @@ def make_images(folder: Path, photos, names: list[str]) -> None:
 
 
 def options(folder: Path, out: Path, checkpoint: Path, **extra) -> PredictOptions:  # noqa: F811
-    return PredictOptions(sources=[str(folder)], out=str(out), weights=str(checkpoint), device="cpu", precision="fp32",
-                          score_thr=0.05, max_det=10, workers=0, progress=False, quiet=True, **extra)
+    settings = dict(device="cpu", precision="fp32", score_thr=0.05, max_det=10, workers=0, progress=False, quiet=True)
+    return PredictOptions(sources=[str(folder)], out=str(out), weights=str(checkpoint), **(settings | extra))
 
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
@@ -193,3 +193,22 @@ def _journal_done_folder(out: Path) -> int:
         return (out / ".segcli" / "journal.jsonl").read_bytes().count(b'"done"')
     except FileNotFoundError:
         return 0
+
+
+def test_outputs_of_removed_inputs_are_removed_and_inputs_never_overwritten(checkpoint, photos, tmp_path):  # noqa: F811
+    folder, out, overlay = tmp_path / "photos", tmp_path / "labels", tmp_path / "review"
+    make_images(folder, photos, ["a.jpg", "sub/b.jpg"])
+    keep = out / "notes.json"
+    keep.parent.mkdir()
+    keep.write_text("the user's own file")
+    run_predict(options(folder, out, checkpoint, format="labelme", overlay=str(overlay), max_det=2))
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*.json") if ".segcli" not in p.parts} == {"a.json", "sub/b.json", "notes.json"}
+    assert (overlay / "sub" / "b.jpg").exists()
+    os.unlink(folder / "sub" / "b.jpg")
+    summary = run_predict(options(folder, out, checkpoint, format="labelme", overlay=str(overlay), max_det=2, resume=True))
+    assert summary.images == 0 and summary.reused == 1
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*.json") if ".segcli" not in p.parts} == {"a.json", "notes.json"}
+    assert not (overlay / "sub" / "b.jpg").exists() and (overlay / "a.jpg").exists()
+    with pytest.raises(UsageError, match="would overwrite the input"):
+        run_predict(options(folder, out, checkpoint, format="labelme", overlay=str(folder)))
+    assert (folder / "a.jpg").stat().st_size > 0

@@ -296,6 +296,7 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
     plan = plan_output(options)
     items = expand_sources(options.sources, stdin=stdin)
     stems = output_stems(items)
+    _refuse_overwriting_inputs(items, stems, options.overlay)
     keys = [json.dumps([os.path.realpath(item.path), item.file_name, stem], ensure_ascii=False)
             for item, stem in zip(items, stems)]
     show_progress = (stderr.isatty() and not options.quiet) if options.progress is None else options.progress
@@ -433,10 +434,10 @@ class _Run:
                               self.options.poly_tolerance if self.plan.polygons else None)
         files = self.files.setdefault(index, [])
         if self.per_image is not None:
-            files += self.per_image.write(Target(record, frame_stem(stem, result.frame), item.path))
+            files += _absolute(self.plan.out, self.per_image.write(Target(record, frame_stem(stem, result.frame), item.path)))
         if self.overlay is not None:
             if result.frame is None:
-                files += self.overlay.write_image(stem, decoded.image, record)
+                files += _absolute(self.overlay.out, self.overlay.write_image(stem, decoded.image, record))
             else:
                 self.overlay.add_frame(stem, decoded.image, record, decoded.fps or 0.0)
         if self.stdout_lines is not None:
@@ -456,7 +457,7 @@ class _Run:
             self.summary.notes.append((str(self.items[index].path), event.note))
             self.warn(f"{self.items[index].path}: {event.note}")
         if self.overlay is not None:
-            self.files.setdefault(index, []).extend(self.overlay.finish_video(self.stems[index]))
+            self.files.setdefault(index, []).extend(_absolute(self.overlay.out, self.overlay.finish_video(self.stems[index])))
         self._done(index)
         return 1
 
@@ -500,6 +501,24 @@ class _Run:
                 for record in records:
                     geojson.add_record(record)
                 geojson.finish()
+
+
+def _absolute(root: Path, relative: list[str]) -> list[str]:
+    """Journal entries name written files absolutely: outputs and overlays live in different folders."""
+    return [os.path.abspath(root / name) for name in relative]
+
+
+def _refuse_overwriting_inputs(items: list[InputItem], stems: list[str], overlay: str | None) -> None:
+    """An overlay of `photos/a.jpg` is `DIR/a.jpg`: with DIR = photos it would replace the photo."""
+    if overlay is None:
+        return
+    root = Path(overlay)
+    for item, stem in zip(items, stems):
+        suffixes = (".mp4", ".avi") if item.is_video else (".jpg",)
+        for suffix in suffixes:
+            if os.path.realpath(root / (stem + suffix)) == os.path.realpath(item.path):
+                raise UsageError(f"--overlay {overlay!r} would overwrite the input '{item.path}'; "
+                                 f"choose a folder apart from the inputs")
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ For `--out preds.json` the state lives in `.preds.json.segcli/` (for an output f
 - `journal.jsonl`: one JSON object per line, appended with a single `write` per input:
   `{"k": key, "rec": record}` for each image or frame result (formats assembled into one file),
   then `{"k": key, "done": {"size", "mtime_ns", "files"}}` once the input is complete (its
-  per-image files, if any, were written atomically before). A SIGKILL can only leave a torn last
+  per-image files and overlays, if any, were written atomically before; `files` names them by
+  absolute path, so that they can be removed when their input goes away). A SIGKILL can only leave a torn last
   line or records without their `done`: on resume, the torn tail is cut off and inputs without
   `done` are processed again, so nothing is duplicated or lost.
 - `lock`: `flock`ed for the whole run; the kernel releases it when the process dies, however.
@@ -179,10 +180,10 @@ class Journal:
             path = wanted.get(key)
             if path is not None and Signature.of(path) == entry.signature:
                 keep[key] = entry
-            elif self.output_root is not None:
-                for relative in entry.files:
+            else:
+                for name in entry.files:  # absolute paths of the outputs it wrote (or relative to output_root)
                     with contextlib.suppress(OSError):
-                        os.unlink(self.output_root / relative)
+                        os.unlink(name if os.path.isabs(name) or self.output_root is None else self.output_root / name)
         if len(keep) == len(self._entries) and not self._orphans:
             return
         old = self.dir / JOURNAL
