@@ -15,7 +15,8 @@ at score 0.05 gives COCO evaluation). Timed, best of --repeat:
              file_name), default workers (1 on <= 2 cores, else one per 32 images up to the CPUs)
   cli        `python -m segcli eval --gt ... --pred ... --report ...` end to end (process start incl.)
 The numbers of all must be identical; the ratios are segcli's seconds over the by-hand seconds,
-wall-clock and CPU (this process plus its children: on a busy machine, the steadier of the two).
+wall-clock and CPU (this process plus its children: on a busy machine, the steadier of the two),
+best of --repeat rounds in which the runs take turns.
 """
 
 from __future__ import annotations
@@ -112,17 +113,21 @@ def by_hand(gt_path: Path, results_path: Path) -> dict:
     return stats
 
 
-def timed(function, repeat: int) -> tuple[float, float, object]:
-    """Best wall seconds and best CPU seconds (this process and its finished children) of `repeat` runs.
+def timed_rounds(runs: dict, repeat: int) -> tuple[dict, dict, dict]:
+    """Best wall and CPU seconds (this process and its finished children) of each run, and its value.
 
-    CPU seconds matter on a shared machine: other jobs stretch wall time, not CPU time."""
-    best, best_cpu, value = float("inf"), float("inf"), None
+    The runs take turns, round after round, so that a load change on a shared machine hits all of
+    them alike; CPU seconds are the steadier measure there (other jobs stretch wall time)."""
+    wall = {name: float("inf") for name in runs}
+    cpu = dict(wall)
+    values: dict = {}
     for _ in range(repeat):
-        started, cpu_started = time.perf_counter(), _cpu()
-        value = function()
-        best = min(best, time.perf_counter() - started)
-        best_cpu = min(best_cpu, _cpu() - cpu_started)
-    return best, best_cpu, value
+        for name, function in runs.items():
+            started, cpu_started = time.perf_counter(), _cpu()
+            values[name] = function()
+            wall[name] = min(wall[name], time.perf_counter() - started)
+            cpu[name] = min(cpu[name], _cpu() - cpu_started)
+    return wall, cpu, values
 
 
 def _cpu() -> float:
@@ -134,7 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--copies", type=int, default=8)
     parser.add_argument("--per-image", type=int, default=100)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workers", type=int, default=0, help="processes of the forked row (0: the CPU count, >= 2)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
@@ -151,10 +156,9 @@ def main() -> None:
             "cli": lambda: (subprocess.run(command, check=True, capture_output=True, cwd=ROOT),
                             json.loads(report_path.read_text()))[1],
         }
-        times, cpu, stats = {}, {}, {}
-        for name, run in runs.items():
-            times[name], cpu[name], value = timed(run, args.repeat)
-            stats[name] = value if name == "by hand" else {t: [value[t][n] for n in STAT_NAMES] for t in ("segm", "bbox")}
+        times, cpu, values = timed_rounds(runs, args.repeat)
+        stats = {name: value if name == "by hand" else {t: [value[t][n] for n in STAT_NAMES] for t in ("segm", "bbox")}
+                 for name, value in values.items()}
         images = args.copies * 32
         from segcli.engine.parallel_cocoeval import default_workers
 
