@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import SHARED_DATA, require
-from tests.test_predict_cli import checkpoint, photos  # noqa: F401  (fixtures)
+from tests.test_predict_cli import photos  # noqa: F401  (fixture)
+from tests.test_resume import checkpoint  # noqa: F401  (fixture: the small model at 160 px)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,9 +19,28 @@ from PIL import Image
 
 from segcli.engine.predict import PredictOptions, run_predict
 from segcli.errors import UsageError
-from tests.test_predict_cli import checkpoint, photos  # noqa: F401  (fixtures)
+from tests.test_predict_cli import photos  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """The seeded small model, told (as `segcli train --min-size` records it) to work at 160 px:
+    these tests are about files and processes, and 160 px makes each image ~10x cheaper than 512."""
+    import torch
+
+    from segcli.categories import coco_categories, coco_label_to_category_id
+    from segcli.model.build import build_model
+    from segcli.weights import save_checkpoint
+
+    torch.manual_seed(0)
+    state = build_model("maskrcnn_resnet18_fpn_small", 91).state_dict()
+    state["roi_heads.box_predictor.cls_score.weight"] *= 3.0
+    path = tmp_path_factory.mktemp("weights") / "small160.pt"
+    save_checkpoint(path, state, "maskrcnn_resnet18_fpn_small", coco_categories(), coco_label_to_category_id(),
+                    {"seed": 0, "input_size": {"min_size": 160, "max_size": 266}})
+    return path
 
 
 def make_images(folder: Path, photos, names: list[str]) -> None:

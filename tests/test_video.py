@@ -18,7 +18,8 @@ from segcli.data.sources import InputItem, expand_sources
 from segcli.data.video import VideoReader
 from segcli.engine.predict import PredictOptions, run_predict
 from tests.conftest import SHARED_DATA, require
-from tests.test_predict_cli import checkpoint, photos  # noqa: F401  (fixtures)
+from tests.test_predict_cli import photos  # noqa: F401  (fixture)
+from tests.test_resume import checkpoint  # noqa: F401  (fixture: the small model at 160 px)
 
 VIDEOS = SHARED_DATA / "videos"
 
