@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torchvision.models import resnet18, resnet50
+from torchvision.models import resnet50
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -37,14 +37,21 @@ def torchvision_model(arch: str, num_classes: int = 91) -> MaskRCNN:
         return MaskRCNN(_resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3), num_classes=num_classes)
     if arch == "maskrcnn_resnet50_fpn_v2":
         return maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes)
-    if arch == "maskrcnn_resnet18_fpn_small":
-        body = resnet18()  # segcli's small architecture trains its body with ordinary BatchNorm
-        backbone = BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in range(1, 5)}, [64, 128, 256, 512], 128,
-                                   extra_blocks=LastLevelMaxPool())
+    if arch in ("maskrcnn_resnet18_fpn_small", "maskrcnn_resnet18_fpn_tiny"):
+        from segcli.model.arch import ARCHS
+        from segcli.model.build import build_body
+
+        spec = ARCHS[arch]
+        body = build_body(spec)  # torchvision's ResNet-18 (BatchNorm trained; narrowed for tiny)
+        width, c = spec.resnet_width, spec.fpn_channels
+        backbone = BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in range(1, 5)},
+                                   [width * 2**k for k in range(4)], c, extra_blocks=LastLevelMaxPool())
         return MaskRCNN(
-            backbone, num_classes=None, min_size=512, max_size=853,
-            rpn_head=RPNHead(128, 3), box_head=TwoMLPHead(128 * 49, 512), box_predictor=FastRCNNPredictor(512, num_classes),
-            mask_head=MaskRCNNHeads(128, [128] * 4, 1), mask_predictor=MaskRCNNPredictor(128, 128, num_classes),
+            backbone, num_classes=None, min_size=spec.min_size, max_size=spec.max_size,
+            rpn_head=RPNHead(c, 3), box_head=TwoMLPHead(c * 49, spec.representation_size),
+            box_predictor=FastRCNNPredictor(spec.representation_size, num_classes),
+            mask_head=MaskRCNNHeads(c, [spec.mask_channels] * 4, 1),
+            mask_predictor=MaskRCNNPredictor(spec.mask_channels, spec.mask_channels, num_classes),
         )
     raise ValueError(arch)
 

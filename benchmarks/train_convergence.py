@@ -88,7 +88,7 @@ def train(step, model: torch.nn.Module, data: list[Batch], args) -> float:
         optimizer.step()
         scheduler.step()
         if iteration % max(1, args.iterations // 10) == 0:
-            print(f"  iteration {iteration}/{args.iterations} loss {float(loss):.3f}", file=sys.stderr, flush=True)
+            print(f"  iteration {iteration}/{args.iterations} loss {float(loss.detach()):.3f}", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - started
     return sum(len(b.sizes) for b in data) / seconds
 
