@@ -23,7 +23,7 @@ from pycocotools import mask as mask_utils
 
 CLASSES = ("circle", "square", "triangle", "ring", "star")
 CATEGORY_IDS = (1, 3, 5, 7, 9)
-MIN_VISIBLE_FRACTION = 0.35  # shapes hidden more than this are dropped (annotators skip them too)
+MIN_VISIBLE_FRACTION = 0.5  # shapes hidden more than half are dropped (annotators skip them too)
 MIN_VISIBLE_PIXELS = 40
 
 
@@ -46,7 +46,7 @@ def textured_background(rng: np.random.Generator, size: int) -> np.ndarray:
 def shape_mask(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     """A filled shape of class `kind` at a random place, size and rotation, as a bool mask."""
     mask = np.zeros((size, size), np.uint8)
-    radius = rng.uniform(0.07, 0.22) * size
+    radius = rng.uniform(0.09, 0.22) * size
     cx, cy = rng.uniform(radius * 0.6, size - radius * 0.6, 2)
     angle = rng.uniform(0, 2 * math.pi)
     if kind == "circle":
@@ -82,7 +82,7 @@ def encode_segmentation(mask: np.ndarray) -> list | dict:
 def make_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     image = textured_background(rng, size)
     drawn: list[tuple[int, np.ndarray]] = []  # (class index, full mask), bottom to top
-    for _ in range(rng.integers(1, 7)):
+    for _ in range(rng.integers(1, 5)):
         kind = int(rng.integers(len(CLASSES)))
         mask = shape_mask(rng, CLASSES[kind], size)
         color = rng.uniform(0, 255, 3)
