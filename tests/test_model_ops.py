@@ -65,7 +65,9 @@ def test_preprocess_matches_torchvision_transform_for_mixed_sizes():
     prepared = prepare_batch(batch, sizes, ResizePolicy(800, 1333))
     assert prepared.resized_sizes == [tuple(s) for s in expected.image_sizes]
     assert prepared.tensor.shape == expected.tensors.shape
-    assert (prepared.tensor - expected.tensors).abs().max() < 1e-5
+    # Two float32 matrix products sum in an order that depends on the BLAS blocking and thread count
+    # (1e-5 with 2 threads, 1e-4 with 1): well below one uint8 grey level (1/255/0.225 = 0.017).
+    assert (prepared.tensor - expected.tensors).abs().max() < 3e-4
     same = prepare_batch(batch[:1], sizes[:1], ResizePolicy(800, 1333))  # uniform sizes: exact
     assert torch.equal(same.tensor, expected.tensors[:1, :, :, : same.tensor.shape[-1]])
 
