@@ -23,9 +23,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
             handle.flush()
+            # mkstemp creates 0600 files; outputs get the permissions any new file would (umask).
+            os.fchmod(handle.fileno(), 0o666 & ~_current_umask())
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set it straight back
+    os.umask(mask)
+    return mask

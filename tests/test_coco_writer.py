@@ -218,3 +218,18 @@ def test_interrupt_in_the_middle_of_an_image_leaves_a_valid_partial_file(tmp_pat
     assert [img["file_name"] for img in coco.dataset["images"]][-1] == "after.jpg"
     assert [a["image_id"] for a in coco.dataset["annotations"]] == [1, 1, 2, 4]
     assert [a["id"] for a in coco.dataset["annotations"]] == [1, 2, 3, 4]
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    """Outputs are readable by whoever could read any new file (umask), not owner-only like mkstemp's."""
+    import os
+
+    from segcli.atomic import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "out.json") as handle:
+            handle.write("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.json").stat().st_mode & 0o777 == 0o644
