@@ -137,7 +137,10 @@ def _start(folder: Path, out: Path, checkpoint: Path, *extra: str) -> subprocess
     args = [sys.executable, "-m", "segcli", "predict", str(folder), "--out", str(out), "--weights", str(checkpoint),
             "--precision", "fp32", "--score-thr", "0.05", "--max-det", "10", "--workers", "0", "-q", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # A shell starts background jobs (`pytest &`, CI wrappers) with SIGINT ignored, and children
+    # inherit that: Ctrl-C would then never reach segcli. Give the child the default disposition.
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _stop_when(process: subprocess.Popen, out: Path, done: int, sig: int) -> bytes:
