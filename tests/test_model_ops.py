@@ -7,7 +7,9 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
+from segcli.model.build import build_model
 from segcli.model.preprocess import IMAGE_MEAN, IMAGE_STD, ResizePolicy, prepare_batch
+from segcli.model.roi_heads import FlatDetections, bucketed_count
 from segcli.ops.paste_masks import paste_masks_transposed
 from segcli.ops.roi_align import RoIPyramid
 
@@ -94,3 +96,31 @@ def test_multilevel_roi_align_equals_torchvision_multiscale():
     assert (got - expected).abs().max() < 1e-6
     bf16 = RoIPyramid([f.bfloat16() for f in features], padded)(flat, batch_index, 7, 2)  # as under autocast
     assert bf16.dtype == torch.float32 and (bf16 - expected).abs().max() < 0.05
+
+
+def test_bucketed_count_pads_little_and_to_few_sizes():
+    counts = range(1, 2001)
+    assert all(count <= bucketed_count(count) <= 1.25 * count for count in counts)
+    assert len({bucketed_count(count) for count in range(1, 101)}) == 23  # not 100 shapes
+
+
+def test_mask_head_padding_leaves_each_detection_unchanged():
+    """The zero rows the mask stage adds for bucketing change no real row: the same probabilities
+    as the mask head run on exactly the detections."""
+    torch.manual_seed(0)
+    heads = build_model("maskrcnn_resnet18_fpn_tiny", 6).roi_heads.eval()
+    g = torch.Generator().manual_seed(1)
+    features = [torch.randn(2, 64, 64 // 2**level, 96 // 2**level, generator=g) for level in range(4)]
+    pyramid = RoIPyramid(features, (256, 384))
+    count = 9  # buckets to 10
+    assert bucketed_count(count) > count
+    detections = FlatDetections(boxes=random_boxes(count, 256, 384, g), scores=torch.rand(count, generator=g),
+                                labels=torch.randint(1, 6, (count,), generator=g),
+                                image_index=torch.randint(0, 2, (count,), generator=g))
+    with torch.inference_mode():
+        got = heads.mask_probabilities(pyramid, detections)
+        pooled = pyramid(detections.boxes, detections.image_index, 14, 2)
+        logits = heads.mask_predictor(heads.mask_head(pooled))
+        expected = torch.sigmoid(logits[torch.arange(count), detections.labels])
+    assert got.shape == (count, 28, 28)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
