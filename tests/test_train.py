@@ -16,13 +16,16 @@ import pytest
 import torch
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.roi_heads import fastrcnn_loss
+from torchvision.ops import roi_align
 from typer.testing import CliRunner
 
 from segcli.cli import app
 from segcli.engine.train import TrainOptions, lr_factor, run_train
+from segcli.model.build import build_model
 from segcli.model.training import (
-    IGNORE, NEGATIVE, POSITIVE, box_head_losses, box_iou_batched, match, sample_balanced,
+    IGNORE, NEGATIVE, POSITIVE, Targets, TrainingModel, box_head_losses, box_iou_batched, match, sample_balanced,
 )
+from segcli.ops.roi_align import RoIPyramid
 from tests.conftest import ROOT, SHARED_DATA, require
 
 TINY = "maskrcnn_resnet18_fpn_tiny"
@@ -91,6 +94,36 @@ def test_box_head_losses_equal_torchvision():
     actual = box_head_losses(logits, deltas, labels, targets)
     torch.testing.assert_close(actual[0], expected[0])
     torch.testing.assert_close(actual[1], expected[1])
+
+
+def test_mask_loss_equals_a_per_roi_reference():
+    """Each RoI's 28x28 target is its matched instance's full-resolution mask cut with aligned
+    RoIAlign at the RoI's original-image coordinates and thresholded at 0.5 (Detectron2's rule);
+    the loss is the mean BCE of the RoI's own-class logits against it."""
+    torch.manual_seed(0)
+    training = TrainingModel(build_model(TINY, 4))
+    heads = training.model.roi_heads
+    generator = torch.Generator().manual_seed(2)
+    masks = (torch.rand(2, 3, 60, 80, generator=generator) > 0.5).to(torch.uint8)
+    masks[:, :, 10:40, 20:60] = 1  # some structure, so targets are neither all 0 nor all 1
+    targets = Targets(boxes=torch.zeros(2, 3, 4), labels=torch.ones(2, 3, dtype=torch.long), masks=masks)
+    scale = torch.tensor([[2.0, 2.0], [1.5, 2.5]])  # (y, x) resize factor per image
+    rois = _random_boxes(generator, 7, size=100.0)
+    image = torch.tensor([0, 1, 1, 0, 1, 0, 1])
+    matched = torch.tensor([2, 0, 0, 1, 2, 2, 1])  # row 0 of image 0 is never used
+    labels = torch.tensor([1, 3, 2, 1, 3, 2, 1])
+    features = [torch.randn(2, 64, 32 // 2**level, 48 // 2**level, generator=generator) for level in range(4)]
+    pyramid = RoIPyramid(features, (128, 192))
+    loss = training.mask_loss(pyramid, rois, image, labels, matched, targets, scale)
+
+    expected = []
+    for i in range(len(rois)):
+        box = rois[i] / scale[image[i]][[1, 0, 1, 0]]
+        mask = masks[image[i], matched[i]][None, None].float()
+        target = roi_align(mask, [box[None]], (28, 28), 1.0, 2, aligned=True)[0, 0] >= 0.5
+        logits = heads.mask_predictor(heads.mask_head(pyramid(rois[i:i + 1], image[i:i + 1], 14, 2)))[0, labels[i]]
+        expected.append(torch.nn.functional.binary_cross_entropy_with_logits(logits, target.float()))
+    torch.testing.assert_close(loss, torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
 
 
 def test_learning_rate_schedule():

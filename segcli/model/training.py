@@ -211,10 +211,12 @@ class TrainingModel(nn.Module):
         size = 2 * MASK_POOL_SIZE
         with torch.no_grad():
             rois_original = rois / scale[image][:, [1, 0, 1, 0]]
-            masks = targets.masks.flatten(0, 1)  # [B*G, H, W]
-            rows = image * targets.masks.shape[1] + matched
-            # Only the matched masks are read: roi_align's batch index selects the row.
-            mask_targets = roi_align(masks[:, None].float(), torch.cat([rows[:, None].float(), rois_original], 1),
+            rows = image * targets.masks.shape[1] + matched  # into the [B*G, H, W] masks
+            # Only the matched masks become float (at full resolution, a batch of COCO images has
+            # hundreds of megabytes of them); roi_align's batch index selects each RoI's mask.
+            used, row_of_roi = torch.unique(rows, return_inverse=True)
+            masks = targets.masks.flatten(0, 1)[used, None].float()
+            mask_targets = roi_align(masks, torch.cat([row_of_roi[:, None].float(), rois_original], 1),
                                      (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)[:, 0] >= 0.5
         pooled = pyramid(rois, image, MASK_POOL_SIZE, SAMPLING_RATIO)
         hidden = F.relu(heads.mask_predictor.conv5_mask(heads.mask_head(pooled)))
