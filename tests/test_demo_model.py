@@ -1,9 +1,6 @@
 """The shipped demo checkpoint works offline: on a freshly generated held-out shapes set,
-`segcli predict` then `segcli eval` give a high mask AP.
-
-The issue asks for 0.8; the shipped model measures 0.784 here (AP50 0.98, AP75 0.86) after the
-CPU training budget this project had. The test holds it to 0.75 so that a regression in predict,
-the checkpoint or eval shows, and says the real figure when it fails."""
+`segcli predict` then `segcli eval` give a mask AP of at least 0.8 (the shipped model measures
+0.828 here: AP50 0.987, AP75 0.934; weights/README.md has other held-out sets)."""
 
 from __future__ import annotations
 
@@ -46,4 +43,4 @@ def test_demo_model_mask_ap_on_a_fresh_held_out_set(tmp_path):
     result = runner.invoke(app, ["eval", "--gt", str(annotations), "--pred", str(predictions), "--report", str(report)])
     assert result.exit_code == 0, result.output
     scores = json.loads(report.read_text())
-    assert scores["segm"]["AP"] >= 0.75, scores["segm"]  # measured 0.784 (issue's target: 0.8)
+    assert scores["segm"]["AP"] >= 0.8, scores["segm"]
