@@ -282,3 +282,24 @@ def test_user_mistakes_are_one_line_exit_2(shapes, tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert result.output.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_train_display_live_bar_on_a_terminal_plain_lines_in_logs(live):
+    import io
+
+    from segcli.engine.train_log import TrainDisplay
+
+    stream = io.StringIO()
+    line = {"epoch": 1, "loss": 1.25, "mask": 0.5, "lr": 0.01, "images_per_s": 3.5}
+    with TrainDisplay(total=10, start=0, enabled=True, live=live, log_every=5, stream=stream) as display:
+        for iteration in range(1, 11):
+            if display.wants(iteration):
+                display.update(iteration, line)
+        display.epoch_done({"epoch": 1, "seconds": 12.0, "train_loss": 1.0, "val_segm_AP": 0.5, "val_bbox_AP": 0.25})
+    text = stream.getvalue()
+    assert "epoch 1 done in 12 s, loss 1.000, val mask AP 0.500 box AP 0.250" in text
+    if live:
+        assert "train" in text and "10/10" in text and "loss 1.250" in text
+    else:
+        assert text.count("iteration") == 2 and "iteration 10/10 loss 1.250 mask 0.500 lr 1.00e-02 3.50 img/s" in text

@@ -8,10 +8,13 @@ Exit codes (also in the README and --help):
 from __future__ import annotations
 
 import sys
+from typing import Callable, TypeVar
 
 import typer
 
-from segcli.errors import SegcliError
+from segcli.errors import ExitCode, SegcliError
+
+T = TypeVar("T")
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 some inputs failed (the rest were processed); 2 usage error; "
@@ -25,9 +28,23 @@ app = typer.Typer(
     help=f"Annotate images with instance segmentation masks (Mask R-CNN). {EXIT_CODES_HELP}",
 )
 
+
 def fail(error: SegcliError) -> None:
     print(f"segcli: error: {error}", file=sys.stderr)
     raise typer.Exit(int(error.exit_code))
+
+
+def run_engine(call: Callable[[], T], kept_on_interrupt: str) -> T:
+    """Run a subcommand's engine: a SegcliError becomes its one line and exit code; Ctrl-C exits
+    130 after saying what the interrupted run kept (`kept_on_interrupt`)."""
+    try:
+        return call()
+    except SegcliError as error:
+        fail(error)
+    except KeyboardInterrupt:
+        print(f"segcli: interrupted; {kept_on_interrupt}", file=sys.stderr)
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+
 
 @app.callback()
 def _root() -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import typer
 
-from segcli.cli.app import EXIT_CODES_HELP, app, fail
-from segcli.errors import ExitCode, SegcliError
+from segcli.cli.app import EXIT_CODES_HELP, app, run_engine
+from segcli.errors import ExitCode
 
 
 @app.command("eval", epilog=EXIT_CODES_HELP)
@@ -40,12 +39,6 @@ def evaluate(
     options = EvalOptions(gt=gt, pred=pred, images=images, weights=weights, arch=arch, device=device,
                           save_pred=save_pred, iou_type=iou_type, report=report, plots=plots, workers=workers,
                           quiet=quiet)
-    try:
-        outcome = run_eval(options)
-    except SegcliError as error:
-        fail(error)
-    except KeyboardInterrupt:
-        print("segcli: interrupted; no report was written", file=sys.stderr)
-        raise typer.Exit(int(ExitCode.INTERRUPTED))
+    outcome = run_engine(lambda: run_eval(options), "no report was written")
     if outcome.failed_inputs:
         raise typer.Exit(int(ExitCode.SOME_INPUTS_FAILED))

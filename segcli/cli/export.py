@@ -7,8 +7,7 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from segcli.cli.app import EXIT_CODES_HELP, app, fail
-from segcli.errors import ExitCode, SegcliError
+from segcli.cli.app import EXIT_CODES_HELP, app, run_engine
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -41,13 +40,7 @@ def export(
         score_thr=score_thr, max_det=max_det,
     )
     log = (lambda message: None) if quiet else (lambda message: print(f"segcli: {message}", file=sys.stderr))
-    try:
-        summary = run_export(options, log=log)
-    except SegcliError as error:
-        fail(error)
-    except KeyboardInterrupt:
-        print("segcli: interrupted; nothing was written", file=sys.stderr)
-        raise typer.Exit(int(ExitCode.INTERRUPTED))
+    summary = run_engine(lambda: run_export(options, log=log), "nothing was written")
     if not quiet:
         check = "not verified (--no-verify)"
         if summary.verification is not None:

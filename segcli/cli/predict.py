@@ -10,8 +10,8 @@ from typing import List, Optional
 
 import typer
 
-from segcli.cli.app import EXIT_CODES_HELP, app, fail
-from segcli.errors import ExitCode, SegcliError
+from segcli.cli.app import EXIT_CODES_HELP, app, run_engine
+from segcli.errors import ExitCode
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -69,13 +69,8 @@ def predict(
     # cron and container stops send SIGTERM: stop like Ctrl-C, so the output written so far is valid.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        summary = run_predict(options, stdin=sys.stdin)
-    except SegcliError as error:
-        fail(error)
-    except KeyboardInterrupt:
-        print("segcli: interrupted; the output written so far is valid (rerun with --resume to finish)",
-              file=sys.stderr)
-        raise typer.Exit(int(ExitCode.INTERRUPTED))
+        summary = run_engine(lambda: run_predict(options, stdin=sys.stdin),
+                             "the output written so far is valid (rerun with --resume to finish)")
     except BrokenPipeError:
         # The reader of stdout went away (`| head`): stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from segcli.cli.app import EXIT_CODES_HELP, app, fail
-from segcli.errors import ExitCode, SegcliError, UsageError
+from segcli.cli.app import EXIT_CODES_HELP, app, run_engine
+from segcli.errors import UsageError
 
 TRAIN_EPILOG = (
     "Several GPUs or machines: torchrun --nproc-per-node N -m segcli train ... (DistributedDataParallel; only "
@@ -58,7 +58,7 @@ def train(
     """Train or fine-tune Mask R-CNN on a COCO dataset; writes last.pt, best.pt and metrics.jsonl."""
     from segcli.engine.train import TrainOptions, run_train
 
-    try:
+    def train():
         options = TrainOptions(
             coco=coco, images=images, val_coco=val_coco, val_images=val_images, weights=weights, arch=arch,
             epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
@@ -67,12 +67,9 @@ def train(
             rois_per_image=rois_per_image, workers=workers, device=device, out=out, resume=resume, seed=seed,
             log_every=log_every, quiet=quiet,
         )
-        summary = run_train(options)
-    except SegcliError as error:
-        fail(error)
-    except KeyboardInterrupt:
-        print("segcli: interrupted; the last finished epoch is in last.pt (continue with --resume)", file=sys.stderr)
-        raise typer.Exit(int(ExitCode.INTERRUPTED))
+        return run_train(options)
+
+    summary = run_engine(train, "the last finished epoch is in last.pt (continue with --resume)")
     if not quiet:
         best = f", best {summary.best} (mask AP {summary.best_ap:.3f})" if summary.best else ""
         print(f"segcli: trained {summary.iterations} iterations in {summary.seconds / 60:.1f} min; last {summary.last}{best}",

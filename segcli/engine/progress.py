@@ -1,4 +1,5 @@
-"""Progress on stderr: a live bar (images, images/s, ETA) on a terminal, nothing in logs."""
+"""Progress on stderr: a live bar (done/total, a rate or status text, ETA) on a terminal, nothing
+in logs. predict, eval and train share it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from rich.progress import Progress as RichProgress
 
 
 class Progress:
-    def __init__(self, total: int, enabled: bool, stream: TextIO, label: str = "predict") -> None:
+    def __init__(self, total: int, enabled: bool, stream: TextIO, label: str = "predict", completed: int = 0) -> None:
         self._bar = None
         if enabled:
             console = Console(file=stream)  # rich honours NO_COLOR and TERM=dumb itself
@@ -23,7 +24,7 @@ class Progress:
                 console=console,
                 transient=False,
             )
-            self._task = self._bar.add_task(label, total=total, rate="")
+            self._task = self._bar.add_task(label, total=total, completed=completed, rate="")
 
     def __enter__(self) -> Progress:
         if self._bar is not None:
@@ -34,9 +35,16 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
 
-    def update(self, completed: int) -> None:
+    def update(self, completed: int, text: str | None = None) -> None:
+        """Move the bar; `text` replaces the images/s column (train shows its losses there)."""
         if self._bar is None:
             return
-        task = self._bar.tasks[0]
-        speed = task.speed
-        self._bar.update(self._task, completed=completed, rate=f"{speed:.2f} img/s" if speed else "")
+        if text is None:
+            speed = self._bar.tasks[0].speed
+            text = f"{speed:.2f} img/s" if speed else ""
+        self._bar.update(self._task, completed=completed, rate=text)
+
+    def print(self, text: str) -> None:
+        """A line above the live bar."""
+        if self._bar is not None:
+            self._bar.console.print(text, markup=False, highlight=False)

@@ -3,12 +3,10 @@ plain lines in logs (cron, CI, `2> train.log`), always on stderr."""
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import TextIO
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from segcli.engine.progress import Progress
 
 LIVE_EVERY = 5  # iterations between updates of the live display
 
@@ -26,18 +24,16 @@ class TrainDisplay:
         self.started = time.time()
         self._bar: Progress | None = None
         if self.live:
-            self._bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[text]}"),
-                                 TimeRemainingColumn(), console=Console(file=stream))
-            self._task = self._bar.add_task("train", total=total, completed=start, text="")
+            self._bar = Progress(total, True, stream, label="train", completed=start)
 
     def __enter__(self) -> TrainDisplay:
         if self._bar is not None:
-            self._bar.start()
+            self._bar.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
-            self._bar.stop()
+            self._bar.__exit__(*exc)
 
     def wants(self, iteration: int) -> bool:
         """Whether this iteration's losses are read (for the display, metrics.jsonl and the NaN check)."""
@@ -49,7 +45,7 @@ class TrainDisplay:
             return
         if self._bar is not None:
             text = f"epoch {line['epoch']} {_losses_text(line)} lr {line['lr']:.2e} {line['images_per_s']:.2f} img/s"
-            self._bar.update(self._task, completed=iteration, text=text)
+            self._bar.update(iteration, text)
         elif iteration % self.log_every == 0 or iteration == self.total:
             done = iteration - self.start
             eta = (time.time() - self.started) / max(done, 1) * (self.total - iteration)
@@ -65,6 +61,6 @@ class TrainDisplay:
             parts.append(f"val mask AP {record['val_segm_AP']:.3f} box AP {record['val_bbox_AP']:.3f}")
         text = "segcli: " + ", ".join(parts)
         if self._bar is not None:
-            self._bar.console.print(text, markup=False, highlight=False)
+            self._bar.print(text)
         else:
-            print(text, file=self.stream or sys.stderr, flush=True)
+            print(text, file=self.stream, flush=True)
