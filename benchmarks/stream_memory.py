@@ -14,11 +14,15 @@ after the last. With `--reference`, the same frames also go through a loop that 
 in memory and writes one JSON at the end (how the reference tools' prediction modes collect
 results), and its growth is printed beside segcli's.
 
-Measured on the 2-core CPU (bf16, 5,000 frames at 160 px): RSS rose in two steps (+59 MB by frame
-500, +66 MB at frames 1500-2000) and then stayed flat for 3,000 frames. That is growth to a
-ceiling, not accumulation. With ONEDNN_PRIMITIVE_CACHE_CAPACITY=8 it stayed within 967-1005 MB from
-frame 500 to 5,000, which points at oneDNN's cache of primitives (one per distinct detection count
-in the mask head) as the cause.
+Measured on the 2-core CPU (bf16, 160 px, OMP_NUM_THREADS=1). Growth is a step to a ceiling early
+in the stream, then flat; nothing accumulates per frame:
+- before the mask stage's bucketed RoI counts: +126 MB over 5,000 frames, +137 MB over 1,500;
+- with them: +105 MB over 5,000 frames (all of it between frames 200 and 500, then flat within
+  1 MB for 4,500 frames); over 1,500 frames +9.8, +0.6, +87 MB in three runs of the same command.
+The remaining step is random from run to run. It is not garbage awaiting Python's collector, and
+malloc_trim does not return it. With glibc's mmap threshold fixed at 256 KB
+(MALLOC_MMAP_THRESHOLD_=262144) RSS stayed flat (894-896 MB from frame 500 to 1,500), but at 2.68
+frames/s against 5.21 for the default run beside it.
 """
 
 from __future__ import annotations
