@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -14,6 +16,14 @@ COCO_TINY_VAL = SHARED_DATA / "coco_tiny" / "images" / "val2017"
 def _cpu_threads():
     # Two cores on CI: keep torch from oversubscribing them.
     torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def synthetic_shapes() -> ModuleType:
+    """examples/synthetic_shapes.py (an example script, not a package module), loaded by path."""
+    spec = importlib.util.spec_from_file_location("synthetic_shapes", ROOT / "examples" / "synthetic_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def require(path: Path) -> Path:

@@ -4,23 +4,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 from typer.testing import CliRunner
 
 from segcli.cli import app
 from segcli.weights import lookup_registry, resolve_weights
-from tests.conftest import ROOT
+from tests.conftest import ROOT, synthetic_shapes
 
 DEMO = "shapes_demo"
-
-
-def _generator():
-    spec = importlib.util.spec_from_file_location("synthetic_shapes", ROOT / "examples" / "synthetic_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_demo_checkpoint_is_registered_small_and_self_describing():
@@ -29,11 +21,11 @@ def test_demo_checkpoint_is_registered_small_and_self_describing():
     assert path.stat().st_size <= 10 * 1024 * 1024
     checkpoint = resolve_weights(DEMO)  # verifies the registry checksum
     assert checkpoint.arch == entry["arch"] == "maskrcnn_resnet18_fpn_tiny"
-    assert [c["name"] for c in checkpoint.categories] == list(_generator().CLASSES)
+    assert [c["name"] for c in checkpoint.categories] == list(synthetic_shapes().CLASSES)
 
 
 def test_demo_model_mask_ap_on_a_fresh_held_out_set(tmp_path):
-    annotations = _generator().generate(tmp_path / "held_out", images=40, size=256, seed=20261122)
+    annotations = synthetic_shapes().generate(tmp_path / "held_out", images=40, size=256, seed=20261122)
     predictions = tmp_path / "pred.json"
     report = tmp_path / "report.json"
     runner = CliRunner()

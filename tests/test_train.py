@@ -3,7 +3,6 @@ fine-tuning on other classes, two processes under torchrun (gloo), and the user'
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -26,24 +25,17 @@ from segcli.model.training import (
     IGNORE, NEGATIVE, POSITIVE, Targets, TrainingModel, box_head_losses, box_iou_batched, match, sample_balanced,
 )
 from segcli.ops.roi_align import RoIPyramid
-from tests.conftest import ROOT, SHARED_DATA, require
+from tests.conftest import ROOT, SHARED_DATA, require, synthetic_shapes
 
 TINY = "maskrcnn_resnet18_fpn_tiny"
 FRUITS = SHARED_DATA / "fruits_nuts"
 COCO_TINY = SHARED_DATA / "coco_tiny"
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("synthetic_shapes", ROOT / "examples" / "synthetic_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     """8 synthetic 96 px images: a training set small enough for seconds per epoch."""
-    return _generator().generate(tmp_path_factory.mktemp("shapes"), images=8, size=96, seed=3)
+    return synthetic_shapes().generate(tmp_path_factory.mktemp("shapes"), images=8, size=96, seed=3)
 
 
 def _random_boxes(generator, count, size=100.0):
