@@ -58,7 +58,7 @@ def train(
     """Train or fine-tune Mask R-CNN on a COCO dataset; writes last.pt, best.pt and metrics.jsonl."""
     from segcli.engine.train import TrainOptions, run_train
 
-    def train():
+    def run():  # parse_sizes can raise UsageError: it gets the same one line as the engine's errors
         options = TrainOptions(
             coco=coco, images=images, val_coco=val_coco, val_images=val_images, weights=weights, arch=arch,
             epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
@@ -69,7 +69,7 @@ def train(
         )
         return run_train(options)
 
-    summary = run_engine(train, "the last finished epoch is in last.pt (continue with --resume)")
+    summary = run_engine(run, "the last finished epoch is in last.pt (continue with --resume)")
     if not quiet:
         best = f", best {summary.best} (mask AP {summary.best_ap:.3f})" if summary.best else ""
         print(f"segcli: trained {summary.iterations} iterations in {summary.seconds / 60:.1f} min; last {summary.last}{best}",

@@ -1,5 +1,5 @@
 """Progress on stderr: a live bar (done/total, a rate or status text, ETA) on a terminal, nothing
-in logs. predict, eval and train share it."""
+in logs. predict and train share it."""
 
 from __future__ import annotations
 

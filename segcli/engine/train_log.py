@@ -22,18 +22,14 @@ class TrainDisplay:
         self.log_every = max(1, log_every)
         self.live = enabled and (live if live is not None else stream.isatty())
         self.started = time.time()
-        self._bar: Progress | None = None
-        if self.live:
-            self._bar = Progress(total, True, stream, label="train", completed=start)
+        self._bar = Progress(total, self.live, stream, label="train", completed=start)  # inert unless live
 
     def __enter__(self) -> TrainDisplay:
-        if self._bar is not None:
-            self._bar.__enter__()
+        self._bar.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
+        self._bar.__exit__(*exc)
 
     def wants(self, iteration: int) -> bool:
         """Whether this iteration's losses are read (for the display, metrics.jsonl and the NaN check)."""
@@ -43,7 +39,7 @@ class TrainDisplay:
     def update(self, iteration: int, line: dict) -> None:
         if not self.enabled:
             return
-        if self._bar is not None:
+        if self.live:
             text = f"epoch {line['epoch']} {_losses_text(line)} lr {line['lr']:.2e} {line['images_per_s']:.2f} img/s"
             self._bar.update(iteration, text)
         elif iteration % self.log_every == 0 or iteration == self.total:
@@ -60,7 +56,7 @@ class TrainDisplay:
         if "val_segm_AP" in record:
             parts.append(f"val mask AP {record['val_segm_AP']:.3f} box AP {record['val_bbox_AP']:.3f}")
         text = "segcli: " + ", ".join(parts)
-        if self._bar is not None:
+        if self.live:
             self._bar.print(text)
         else:
             print(text, file=self.stream, flush=True)

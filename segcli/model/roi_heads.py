@@ -125,8 +125,8 @@ class RoIHeads(nn.Module):
         pooled = pyramid(detections.boxes, detections.image_index, MASK_POOL_SIZE, SAMPLING_RATIO)
         count = pooled.shape[0]
         # Zero rows up to a bucketed count: the convolutions then see a few dozen batch sizes
-        # instead of every count from 1 to max_detections. oneDNN compiles and caches a primitive
-        # per shape (up to 1024 of them), which made memory climb by ~125 MB on a long video.
+        # instead of every count from 1 to max_detections. oneDNN compiles and caches primitives
+        # per shape (up to 1024 of them), so one set per count filled that cache on long videos.
         pooled = F.pad(pooled, (0, 0, 0, 0, 0, 0, 0, bucketed_count(count) - count))
         hidden = F.relu(self.mask_predictor.conv5_mask(self.mask_head(pooled)))
         with torch.autocast(hidden.device.type, enabled=False):
