@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -9,7 +10,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from segcli.model.build import build_model
 from segcli.model.preprocess import IMAGE_MEAN, IMAGE_STD, ResizePolicy, prepare_batch
-from segcli.model.roi_heads import FlatDetections, bucketed_count
+from segcli.model.roi_heads import MASK_CHUNK, FlatDetections, bucketed_count, own_class_logits
 from segcli.ops.paste_masks import paste_masks_transposed
 from segcli.ops.roi_align import RoIPyramid
 
@@ -104,16 +105,17 @@ def test_bucketed_count_pads_little_and_to_few_sizes():
     assert len({bucketed_count(count) for count in range(1, 101)}) == 23  # not 100 shapes
 
 
-def test_mask_head_padding_leaves_each_detection_unchanged():
-    """The zero rows the mask stage adds for bucketing change no real row: the same probabilities
-    as the mask head run on exactly the detections."""
+@pytest.mark.parametrize("count", [9, 2 * MASK_CHUNK + 9])
+def test_mask_stage_equals_the_mask_head_on_exactly_the_detections(count):
+    """Neither the zero rows the mask stage adds for bucketing, nor running it in chunks of
+    MASK_CHUNK detections, nor computing only each detection's own class changes a probability:
+    the same as torchvision's way, the all-class mask predictor run once on exactly the detections."""
     torch.manual_seed(0)
     heads = build_model("maskrcnn_resnet18_fpn_tiny", 6).roi_heads.eval()
     g = torch.Generator().manual_seed(1)
     features = [torch.randn(2, 64, 64 // 2**level, 96 // 2**level, generator=g) for level in range(4)]
     pyramid = RoIPyramid(features, (256, 384))
-    count = 9  # buckets to 10
-    assert bucketed_count(count) > count
+    assert bucketed_count(count % MASK_CHUNK) > count % MASK_CHUNK  # the last chunk is padded
     detections = FlatDetections(boxes=random_boxes(count, 256, 384, g), scores=torch.rand(count, generator=g),
                                 labels=torch.randint(1, 6, (count,), generator=g),
                                 image_index=torch.randint(0, 2, (count,), generator=g))
@@ -124,3 +126,23 @@ def test_mask_head_padding_leaves_each_detection_unchanged():
         expected = torch.sigmoid(logits[torch.arange(count), detections.labels])
     assert got.shape == (count, 28, 28)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_own_class_logits_match_the_all_class_convolution_and_its_gradients():
+    """Training's mask loss uses own_class_logits too: values and gradients (of the features, the
+    weights and the bias) equal those of the full 1x1 convolution followed by picking each row's class."""
+    g = torch.Generator().manual_seed(3)
+    layer = torch.nn.Conv2d(16, 7, 1)
+    hidden = torch.randn(5, 16, 28, 28, generator=g, requires_grad=True)
+    labels = torch.tensor([1, 6, 1, 3, 0])
+    target = torch.rand(5, 28, 28, generator=g)
+    results = []
+    for logits_of in (lambda: own_class_logits(layer, hidden, labels),
+                      lambda: layer(hidden)[torch.arange(5), labels]):
+        layer.zero_grad()
+        hidden.grad = None
+        logits = logits_of()
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, target).backward()
+        results.append((logits.detach(), hidden.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone()))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -25,7 +25,7 @@ from torchvision.ops import roi_align
 from segcli.model.boxes import encode_boxes
 from segcli.model.maskrcnn import MaskRCNN
 from segcli.model.preprocess import ResizePolicy, prepare_batch
-from segcli.model.roi_heads import BOX_POOL_SIZE, MASK_POOL_SIZE, ROI_BOX_WEIGHTS, SAMPLING_RATIO
+from segcli.model.roi_heads import BOX_POOL_SIZE, MASK_POOL_SIZE, ROI_BOX_WEIGHTS, SAMPLING_RATIO, own_class_logits
 from segcli.model.rpn import RPN_BOX_WEIGHTS, flatten_level
 from segcli.ops.roi_align import RoIPyramid
 
@@ -220,7 +220,5 @@ class TrainingModel(nn.Module):
                                      (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)[:, 0] >= 0.5
         pooled = pyramid(rois, image, MASK_POOL_SIZE, SAMPLING_RATIO)
         hidden = F.relu(heads.mask_predictor.conv5_mask(heads.mask_head(pooled)))
-        with torch.autocast(hidden.device.type, enabled=False):
-            logits = heads.mask_predictor.mask_fcn_logits(hidden.float())
-        logits = logits[torch.arange(len(labels), device=labels.device), labels]
+        logits = own_class_logits(heads.mask_predictor.mask_fcn_logits, hidden, labels)
         return F.binary_cross_entropy_with_logits(logits, mask_targets.float())
