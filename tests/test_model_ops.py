@@ -128,6 +128,42 @@ def test_mask_stage_equals_the_mask_head_on_exactly_the_detections(count):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+def test_mask_stage_blocks_do_not_grow_with_the_detection_count():
+    """On the CPU the largest tensor the mask stage creates for 100 detections is the one it
+    creates for MASK_CHUNK: memory blocks of the same few sizes every frame (what keeps glibc's
+    heap from fragmenting on long videos), whatever the count."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(tensor, torch.Tensor):
+                    self.largest = max(self.largest, tensor.untyped_storage().nbytes())
+            return out
+
+    torch.manual_seed(0)
+    heads = build_model("maskrcnn_resnet18_fpn_tiny", 6).roi_heads.eval()
+    g = torch.Generator().manual_seed(2)
+    features = [torch.randn(1, 64, 64 // 2**level, 96 // 2**level, generator=g) for level in range(4)]
+    pyramid = RoIPyramid(features, (256, 384))
+    pyramid.table()  # built once per image for all of its detections, not by the mask stage
+
+    def largest_block(count: int) -> int:
+        detections = FlatDetections(boxes=random_boxes(count, 256, 384, g), scores=torch.rand(count, generator=g),
+                                    labels=torch.randint(1, 6, (count,), generator=g),
+                                    image_index=torch.zeros(count, dtype=torch.long))
+        with torch.inference_mode(), LargestOutput() as mode:
+            heads.mask_probabilities(pyramid, detections)
+        return mode.largest
+
+    assert largest_block(100) == largest_block(MASK_CHUNK) > largest_block(MASK_CHUNK // 2)
+
+
 def test_own_class_logits_match_the_all_class_convolution_and_its_gradients():
     """Training's mask loss uses own_class_logits too: values and gradients (of the features, the
     weights and the bias) equal those of the full 1x1 convolution followed by picking each row's class."""
