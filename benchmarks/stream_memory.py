@@ -14,20 +14,23 @@ after the last. With `--reference`, the same frames also go through a loop that 
 in memory and writes one JSON at the end (how the reference tools' prediction modes collect
 results), and its growth is printed beside segcli's.
 
-Measured on the 2-core CPU (bf16, 160 px, OMP_NUM_THREADS=1). Growth is a step to a ceiling early
-in the stream, then flat; nothing accumulates per frame:
-- before the mask stage's bucketed RoI counts: +126 MB over 5,000 frames, +137 MB over 1,500;
-- with them: +105 MB over 5,000 frames (all of it between frames 200 and 500, then flat within
-  1 MB for 4,500 frames); over 1,500 frames +9.8, +0.6, +87 MB in three runs of the same command.
-The remaining step is random from run to run. It is not garbage awaiting Python's collector, and
-malloc_trim does not return it. With glibc's mmap threshold fixed at 256 KB
-(MALLOC_MMAP_THRESHOLD_=262144) RSS stayed flat (894-896 MB from frame 500 to 1,500), but at 2.68
-frames/s against 5.21 for the default run beside it.
+Measured on the 2-core CPU (bf16, 160 px, OMP_NUM_THREADS=1), 5,000 frames: +0.8 MB (950.8 to
+951.7 MB) at 4.74 frames/s, since the mask stage runs in chunks of 16 detections on the CPU.
+Before that, the mask head's activations, sized by each frame's detection count (tens of MB),
+came from glibc's heap in ever-different sizes and fragmented it. In-use memory stayed flat
+(mallinfo2), but the heap stepped up by 65-105 MB in about half the runs: +105 MB over 5,000
+frames, and +9.8, +0.6, +87 MB in three 1,500-frame runs of the same command. Neither gc.collect
+nor malloc_trim returned it; a fixed mmap threshold (MALLOC_MMAP_THRESHOLD_=262144) kept it flat
+but halved frames/s. The chunked stage is also faster: predict alone, alternating old and new
+mask stages in one process over the same 400 frames, 5.74 against 5.27 frames/s (1.09x); in the
+full benchmark, one 1,500-frame run after the other, 4.90 frames/s (+0.4 MB) against 5.11 (+82.5
+MB) for the code before, which is within run-to-run noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -53,6 +56,24 @@ VIDEO = ROOT.parent / "shared" / "data" / "videos" / "intel_one-by-one-person-de
 def rss_mb() -> float:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def glibc_heap_mb() -> tuple[float, float] | None:
+    """(heap size, bytes in use) of glibc malloc in MB, or None off glibc. A heap that grows while
+    its in-use bytes stay flat is fragmentation, not a leak."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    return (info.arena + info.hblkhd) / 2**20, (info.uordblks + info.hblkhd) / 2**20
 
 
 def looped_video(source: Path, frames: int, width: int, out: Path) -> Path:
@@ -101,6 +122,7 @@ class Sampler:
         self.warmup = warmup
         self.frames = 0
         self.start_rss = None
+        self.start_heap = None
         self.start_time = None
         self.peak = 0.0
         self.series: list[tuple[int, float]] = []  # (frames, RSS MB) every `every` frames
@@ -123,6 +145,7 @@ class Sampler:
                 sampler.series.append((sampler.frames, rss_mb()))
             if sampler.start_rss is None and sampler.frames >= sampler.warmup:
                 sampler.start_rss, sampler.start_time = rss_mb(), time.perf_counter()
+                sampler.start_heap = glibc_heap_mb()
             return results
 
         self._original = original
@@ -183,7 +206,7 @@ def main() -> None:
             summary = run_predict(PredictOptions(
                 sources=[str(video)], out=str(folder / "preds.jsonl"), weights=str(checkpoint), device="cpu",
                 score_thr=args.score_thr, overlay=str(folder / "overlay"), progress=False, quiet=True))
-            end_rss, end_time = rss_mb(), time.perf_counter()
+            end_rss, end_time, end_heap = rss_mb(), time.perf_counter(), glibc_heap_mb()
         lines = sum(1 for _ in open(folder / "preds.jsonl", "rb"))
         overlay = next((folder / "overlay").rglob("looped.*"))  # mirrors the video's absolute path
         drawn = int(cv2.VideoCapture(str(overlay)).get(cv2.CAP_PROP_FRAME_COUNT))
@@ -194,6 +217,9 @@ def main() -> None:
               f"{growth:>11.1f}{rate:>10.2f}")
         print(f"  (before model load {before:.1f} MB, peak {sampler.peak:.1f} MB; {lines} JSON lines, "
               f"{summary.detections} detections, overlay video {overlay.name} with {drawn} frames)")
+        if sampler.start_heap and end_heap:
+            print(f"  glibc heap MB (size / in use): start {sampler.start_heap[0]:.1f} / {sampler.start_heap[1]:.1f}, "
+                  f"end {end_heap[0]:.1f} / {end_heap[1]:.1f}")
         print("  RSS every 500 frames: " + ", ".join(f"{f}: {r:.0f}" for f, r in sampler.series))
         if args.reference:
             start, end, frames = reference_loop(checkpoint, video, args.warmup, args.score_thr)
