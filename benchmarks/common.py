@@ -80,7 +80,7 @@ def seeded_state_dict(arch: str, photos: list[Path], seed: int = 0, target: floa
     cpu = torch.device("cpu")
     model = prepare_for_inference(model, cpu, resolve_precision("auto", cpu))
     classifier = model.roi_heads.box_predictor.cls_score.weight
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in photos[:2]]
+    images = [np.array(Image.open(p).convert("RGB")) for p in photos[:2]]  # writable, for torch.from_numpy
     low, high = -4.0, 4.0  # log2 of the scale
     for _ in range(7):
         middle = (low + high) / 2
