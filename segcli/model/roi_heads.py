@@ -126,8 +126,8 @@ class RoIHeads(nn.Module):
             return detections.boxes.new_zeros((0, 2 * MASK_POOL_SIZE, 2 * MASK_POOL_SIZE))
         # On the CPU the mask head runs on at most MASK_CHUNK detections at a time. Its activations
         # grow with the count (28x28x256 floats, 800 KB per detection), and glibc serves blocks of
-        # varying size in the tens of MB from its heap, where they fragment it: on endless videos
-        # RSS stepped up by ~100 MB whenever a frame held more detections than any before. Chunks
+        # varying size in the tens of MB from its heap, where they fragment it: on long videos RSS
+        # stepped up by 65-105 MB in about half the runs (benchmarks/stream_memory.py). Chunks
         # keep every block of this stage the same few sizes, frame after frame. CUDA's caching
         # allocator has no such problem, and there one pass saves kernel launches.
         step = MASK_CHUNK if detections.boxes.device.type == "cpu" else count
