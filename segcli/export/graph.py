@@ -32,7 +32,7 @@ from segcli.export.nms import nms_groups_by_label_script, nms_groups_onnx, nms_g
 from segcli.model.boxes import clip_boxes, decode_boxes, large_enough
 from segcli.model.maskrcnn import MaskRCNN
 from segcli.model.preprocess import IMAGE_MEAN, IMAGE_STD, SIZE_DIVISIBLE
-from segcli.model.roi_heads import BOX_POOL_SIZE, MASK_POOL_SIZE, ROI_BOX_WEIGHTS, SAMPLING_RATIO
+from segcli.model.roi_heads import BOX_POOL_SIZE, MASK_POOL_SIZE, ROI_BOX_WEIGHTS, SAMPLING_RATIO, own_class_logits
 from segcli.model.rpn import RPN_BOX_WEIGHTS
 from segcli.ops.roi_align import assign_levels
 
@@ -215,9 +215,8 @@ class ExportableMaskRCNN(nn.Module):
         labels = torch.cat([labels, labels.new_ones(1)])
         image_index = torch.cat([image_index, image_index.new_zeros(1)])
         pooled = self.roi_pool(features, boxes, image_index, MASK_POOL_SIZE)
-        logits = self.mask_predictor.mask_fcn_logits(F.relu(self.mask_predictor.conv5_mask(self.mask_head(pooled))))
-        index = labels[:, None, None, None].expand(-1, 1, logits.shape[2], logits.shape[3])
-        return torch.sigmoid(logits.gather(1, index)[:, 0])[:-1]
+        hidden = F.relu(self.mask_predictor.conv5_mask(self.mask_head(pooled)))
+        return torch.sigmoid(own_class_logits(self.mask_predictor.mask_fcn_logits, hidden, labels))[:-1]
 
     def forward(self, images: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         x, resized = self.preprocess(images, sizes)
