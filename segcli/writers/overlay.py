@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from segcli.atomic import atomic_write
+from segcli.ops.rle_crops import rle_to_crop
 
 _ALPHA = 0.45
 
@@ -31,7 +32,6 @@ def instance_colour(rank: int) -> tuple[int, int, int]:
 def draw(image_rgb: np.ndarray, record: dict) -> np.ndarray:
     """A BGR copy of the image with every instance drawn, the best-scoring one on top."""
     import cv2
-    from pycocotools import mask as mask_utils
 
     canvas = np.ascontiguousarray(image_rgb[:, :, ::-1])
     height, width = canvas.shape[:2]
@@ -41,9 +41,9 @@ def draw(image_rgb: np.ndarray, record: dict) -> np.ndarray:
     for rank in range(len(instances) - 1, -1, -1):
         instance = instances[rank]
         colour = instance_colour(rank)
-        mask = mask_utils.decode(instance["segmentation"]).astype(bool)
-        if mask.any():
-            canvas[mask] = (canvas[mask] * (1 - _ALPHA) + np.array(colour) * _ALPHA).astype(np.uint8)
+        crop = rle_to_crop(instance["segmentation"])  # the mask's crop: no image-size mask per instance
+        region = canvas[crop.y0:crop.y1, crop.x0:crop.x1]
+        region[crop.mask] = (region[crop.mask] * (1 - _ALPHA) + np.array(colour) * _ALPHA).astype(np.uint8)
         x, y, w, h = instance["bbox"]
         top_left = (int(round(x)), int(round(y)))
         cv2.rectangle(canvas, top_left, (int(round(x + w)), int(round(y + h))), colour, thickness)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from segcli.atomic import atomic_write
+from segcli.ops.rle_crops import rle_to_crop
 from segcli.writers.records import flat_exteriors
 
 
@@ -110,17 +111,17 @@ class PngWriter:
 
     def write(self, target: Target) -> list[str]:
         import cv2
-        from pycocotools import mask as mask_utils
 
         record = target.record
         instances = np.zeros((record["height"], record["width"]), np.uint16)
         classes = np.zeros((record["height"], record["width"]), np.uint8)
-        # Paint from the lowest score up, so the best instance is painted last and wins overlaps.
+        # Paint from the lowest score up, so the best instance is painted last and wins overlaps;
+        # each in the crop around its mask (segcli.ops.rle_crops), not with an image-size mask.
         for rank in range(len(record["instances"]), 0, -1):
             instance = record["instances"][rank - 1]
-            mask = mask_utils.decode(instance["segmentation"]).astype(bool)
-            instances[mask] = rank
-            classes[mask] = instance["category_id"]
+            crop = rle_to_crop(instance["segmentation"])
+            instances[crop.y0:crop.y1, crop.x0:crop.x1][crop.mask] = rank
+            classes[crop.y0:crop.y1, crop.x0:crop.x1][crop.mask] = instance["category_id"]
         written = []
         for name, array in ((".instances.png", instances), (".classes.png", classes)):
             relative = target.stem + name

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from segcli.ops.rle import rle_area
+from segcli.ops.rle_crops import rle_to_crop
 from segcli.writers.polygons import mask_polygons
 
 
@@ -29,8 +30,6 @@ def build_record(
     `poly_tolerance`, `polygons`: one GeoJSON-style polygon per mask part, `[exterior, *holes]`,
     each ring a closed list of `[x, y]`. `frame` and `timestamp` are null for images.
     """
-    from pycocotools import mask as mask_utils
-
     instances = []
     areas = rle_area(rles)
     for box, score, category, rle, area in zip(np.asarray(boxes_xyxy).reshape(-1, 4), scores, category_ids, rles, areas):
@@ -44,10 +43,12 @@ def build_record(
             "segmentation": {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": _text(rle["counts"])},
         }
         if poly_tolerance is not None:
-            mask = mask_utils.decode(rle)
+            # The crop around the mask, not the image: a full-size decode per instance would cost
+            # 100 MB on a 10,000 x 10,000 image.
+            crop = rle_to_crop(rle)
             instance["polygons"] = [
-                [[[round(x, 2), round(y, 2)] for x, y in ring] for ring in [part.exterior, *part.holes]]
-                for part in mask_polygons(mask, poly_tolerance)
+                [[[round(x + crop.x0, 2), round(y + crop.y0, 2)] for x, y in ring] for ring in [part.exterior, *part.holes]]
+                for part in mask_polygons(crop.mask, poly_tolerance)
             ]
         instances.append(instance)
     return {
