@@ -10,6 +10,7 @@ from pycocotools import mask as mask_utils
 from segcli.ops.paste_crops import paste_mask_crops
 from segcli.ops.paste_masks import paste_masks_transposed
 from segcli.ops.rle_crops import crop_to_rle, rle_counts, rle_to_crop
+from segcli.writers.polygons import mask_polygons
 from tests.conftest import SHARED_DATA, require
 
 
@@ -76,6 +77,9 @@ def test_real_coco_masks_round_trip_through_crops():
         assert np.array_equal(_placed(crop.mask, crop.x0, crop.y0, height, width), full)
         assert crop_to_rle(crop.mask, crop.x0, crop.y0, height, width)["counts"] == mask_utils.encode(
             np.asfortranarray(full))["counts"].decode("ascii")
+        # The writers trace polygons on the crop: exactly those of the full mask.
+        from_crop = mask_polygons(crop.mask, 1.0, origin=(crop.x0, crop.y0))
+        assert [(p.exterior, p.holes) for p in from_crop] == [(p.exterior, p.holes) for p in mask_polygons(full, 1.0)]
         checked += 1
     assert checked > 100
 

@@ -37,15 +37,16 @@ class MaskPolygon:
         return [round(v, 2) for point in self.exterior[:-1] for v in point]
 
 
-def mask_polygons(mask: np.ndarray, tolerance: float = 1.0) -> list[MaskPolygon]:
+def mask_polygons(mask: np.ndarray, tolerance: float = 1.0, origin: tuple[int, int] = (0, 0)) -> list[MaskPolygon]:
     """Polygons of an [H, W] binary mask: one per connected part (8-connected), largest first.
 
     Holes are kept; parts inside holes are parts of their own. Every polygon is valid (shapely)
     and oriented with a counter-clockwise exterior (in x-right, y-up terms). An empty mask gives [].
+    `origin` (x, y) places a crop of a larger mask: the result is that of the larger mask.
     """
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-    geometry = mask_geometry(mask, tolerance)
+    geometry = mask_geometry(mask, tolerance, origin)
     parts = list(geometry.geoms) if isinstance(geometry, MultiPolygon) else [geometry] if not geometry.is_empty else []
     parts.sort(key=lambda p: -p.area)
     return [
@@ -55,7 +56,7 @@ def mask_polygons(mask: np.ndarray, tolerance: float = 1.0) -> list[MaskPolygon]
     ]
 
 
-def mask_geometry(mask: np.ndarray, tolerance: float = 1.0) -> Polygon | MultiPolygon:
+def mask_geometry(mask: np.ndarray, tolerance: float = 1.0, origin: tuple[int, int] = (0, 0)) -> Polygon | MultiPolygon:
     """The mask as one valid shapely (Multi)Polygon; see `mask_polygons`."""
     binary = np.ascontiguousarray(np.asarray(mask) != 0, dtype=np.uint8)
     if binary.ndim != 2:
@@ -68,7 +69,7 @@ def mask_geometry(mask: np.ndarray, tolerance: float = 1.0) -> Polygon | MultiPo
     top, left = int(rows[0]), int(cols[0])
     crop = np.pad(binary[top : rows[-1] + 1, left : cols[-1] + 1], 1)
     contours, hierarchy = cv2.findContours(crop, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    offset = np.array([left - 1 + 0.5, top - 1 + 0.5])  # undo the crop and pad; pixel centres
+    offset = np.array([origin[0] + left - 1 + 0.5, origin[1] + top - 1 + 0.5])  # undo the crop and pad; pixel centres
     rings = [c.reshape(-1, 2).astype(np.float64) + offset for c in contours]
     pieces = []
     for i, ring in enumerate(rings):

@@ -47,8 +47,8 @@ def build_record(
             # 100 MB on a 10,000 x 10,000 image.
             crop = rle_to_crop(rle)
             instance["polygons"] = [
-                [[[round(x + crop.x0, 2), round(y + crop.y0, 2)] for x, y in ring] for ring in [part.exterior, *part.holes]]
-                for part in mask_polygons(crop.mask, poly_tolerance)
+                [[[round(x, 2), round(y, 2)] for x, y in ring] for ring in [part.exterior, *part.holes]]
+                for part in mask_polygons(crop.mask, poly_tolerance, origin=(crop.x0, crop.y0))
             ]
         instances.append(instance)
     return {
