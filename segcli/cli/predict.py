@@ -52,6 +52,18 @@ def predict(
         None, help="Background decoding threads (default 1 on <= 2 CPU cores, else 2; 0 decodes inline)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, warnings or summary on stderr."),
+    slice: str = typer.Option(
+        "auto", "--slice",
+        help="Huge images as overlapping tiles: a tile size in pixels, auto (images the model would shrink "
+             "more than 4x, in tiles of its input size) or off.",
+    ),
+    overlap: float = typer.Option(0.2, help="Fraction of a tile its neighbours share (0 to 0.9)."),
+    slice_merge: str = typer.Option("nmm", help="Joining detections of overlapping tiles: nmm (merge) or nms (keep the best)."),
+    slice_match: str = typer.Option("iou", help="Tiles' detections are one object when their masks' iou or ios "
+                                                "(where both tiles saw the image) reaches --slice-match-thr."),
+    slice_match_thr: float = typer.Option(0.5, help="Threshold of --slice-match."),
+    slice_whole: bool = typer.Option(True, "--slice-whole/--no-slice-whole",
+                                     help="With --slice, also run the whole image downscaled (objects larger than a tile)."),
 ) -> None:
     """Predict instance masks for images and videos and write them as COCO, JSON Lines, GeoJSON,
     LabelMe, YOLO or PNG; data goes to stdout only, logs and progress to stderr."""
@@ -61,7 +73,8 @@ def predict(
         sources=sources, out=out, weights=weights, arch=arch, device=device, precision=precision,
         batch_size=batch_size, score_thr=score_thr, max_det=max_det, format=format, workers=workers, quiet=quiet,
         masks=masks, poly_tolerance=poly_tolerance, classes=classes, vid_stride=vid_stride, overlay=overlay,
-        resume=resume,
+        resume=resume, slice=slice, overlap=overlap, slice_merge=slice_merge, slice_match=slice_match,
+        slice_match_thr=slice_match_thr, slice_whole=slice_whole,
     )
     # Pillow warns about oddities it recovers from ("Corrupt EXIF data"); segcli reports what
     # matters about an input in its own one line, and a warning per file would flood cron logs.

@@ -31,6 +31,7 @@ from segcli.data.decode import Decoded, InputDone, iter_decoded
 from segcli.data.sources import InputItem, expand_sources
 from segcli.engine.device import prepare_for_inference, resolve_device, resolve_precision
 from segcli.engine.progress import Progress
+from segcli.engine.slicing import SlicedPredictor, SliceSettings
 from segcli.errors import UsageError
 from segcli.model.build import model_from_checkpoint
 from segcli.model.maskrcnn import Detections, MaskRCNN
@@ -74,6 +75,13 @@ class PredictOptions:
     vid_stride: int = 1  # every N-th video frame
     overlay: str | None = None  # folder for images/videos with the predictions drawn
     resume: bool = False  # skip inputs already done by an earlier run with the same settings
+    # Sliced inference of huge images (segcli.engine.slicing): "auto", "off" or a tile size in pixels.
+    slice: str = "auto"
+    overlap: float = 0.2
+    slice_merge: str = "nmm"
+    slice_match: str = "iou"
+    slice_match_thr: float = 0.5
+    slice_whole: bool = True
 
 
 @dataclass
@@ -294,6 +302,7 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
     if options.batch_size is not None and options.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
     plan = plan_output(options)
+    slicing = SliceSettings.of(options)
     items = expand_sources(options.sources, stdin=stdin)
     stems = output_stems(items)
     _refuse_overwriting_inputs(items, stems, options.overlay)
@@ -307,6 +316,8 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
         todo = [i for i in range(len(items)) if journal is None or not journal.is_done(keys[i])]
         predictor = Predictor.load(options.weights, options.arch, options.device, options.precision,
                                    options.score_thr, options.max_det, progress=show_progress, classes=options.classes)
+        if slicing is not None:
+            predictor = SlicedPredictor(predictor, slicing, options.max_det, options.batch_size)
         run = _Run(options, plan, predictor, items, stems, keys, todo, journal, stderr, show_progress)
         summary = run.go()
         summary.reused = len(items) - len(todo)
@@ -345,6 +356,7 @@ def fingerprint(options: PredictOptions, plan: OutputPlan) -> dict:
         "classes": sorted(str(c).strip().casefold() for spec in options.classes or [] for c in str(spec).split(",") if c.strip()),
         "vid_stride": options.vid_stride,
         "overlay": os.path.abspath(options.overlay) if options.overlay else None,
+        "slice": None if (slicing := SliceSettings.of(options)) is None else slicing.fingerprint(),
     }
 
 
