@@ -127,3 +127,15 @@ def test_crop_at_the_far_corner_of_a_huge_image():
     assert mask_utils.area(rle) == crop.sum()
     back = rle_to_crop(rle)
     assert (back.x0, back.y0, back.x1, back.y1) == (width - 28, height - 35, width, height)
+
+
+def test_area_of_more_than_255_masks():
+    """pycocotools 2.0.11's area() fails for more than 255 RLEs in one call under NumPy 2; a huge
+    image easily has that many instances."""
+    from segcli.ops.rle import rle_area
+
+    masks = np.zeros((300, 20, 10), bool)
+    for k in range(300):
+        masks[k, : k % 20 + 1, : k % 10 + 1] = True
+    rles = [mask_utils.encode(np.asfortranarray(m.T.astype(np.uint8))) for m in masks]
+    assert rle_area(rles).tolist() == [int(m.sum()) for m in masks]

@@ -31,11 +31,17 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
     return [{"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": _text(rle["counts"])} for rle in rles]
 
 
+# pycocotools 2.0.11's area() fails under NumPy 2 for more than 255 RLEs in one call ("Python
+# integer 256 out of bounds for uint8"); a huge image easily has more instances.
+_AREA_CHUNK = 255
+
+
 def rle_area(rles: Sequence[dict]) -> np.ndarray:
     """Foreground pixel count of each RLE (pycocotools `mask.area`), as a uint32 array of len(rles)."""
-    if len(rles) == 0:
-        return np.zeros(0, np.uint32)
-    return np.asarray(mask_utils.area(list(rles)), dtype=np.uint32).reshape(len(rles))
+    rles = list(rles)
+    areas = [np.asarray(mask_utils.area(rles[i:i + _AREA_CHUNK]), dtype=np.uint32).reshape(-1)
+             for i in range(0, len(rles), _AREA_CHUNK)]
+    return np.concatenate(areas) if areas else np.zeros(0, np.uint32)
 
 
 def _as_binary_uint8(masks: np.ndarray) -> np.ndarray:
