@@ -170,7 +170,7 @@ def test_seam_cut_disks_on_a_6000x4000_real_mosaic_are_one_instance_each(use_blo
     path, disks = mosaic
     out = tmp_path / "preds.json"
     run_cli(str(path), "--slice", str(TILE), "--overlap", str(OVERLAP), "--out", str(out), "--overlay",
-            str(tmp_path / "overlays"))
+            str(tmp_path / "overlays"), "--batch-size", "3")
     coco = json.loads(out.read_text())
     assert coco["images"] == [{"id": 1, "file_name": "mosaic.png", "width": WIDTH, "height": HEIGHT}]
     assert_one_instance_per_disk([a["segmentation"] for a in coco["annotations"]], disks)
@@ -178,10 +178,12 @@ def test_seam_cut_disks_on_a_6000x4000_real_mosaic_are_one_instance_each(use_blo
         x, y, w, h = annotation["bbox"]
         mx, my, mw, mh = mask_utils.toBbox(annotation["segmentation"])
         assert x - 2 <= mx and mx + mw <= x + w + 2 and y - 2 <= my and my + mh <= y + h + 2
-    # It ran as 1024-pixel tiles (all one size, so they batch) plus one downscaled whole image.
+    # It ran as 1024-pixel tiles in batches of 3 (all one size, so they batch), then one
+    # downscaled whole image.
+    tiles = len(tile_windows(HEIGHT, WIDTH, TILE, OVERLAP))
+    assert [len(call) for call in use_blob_detector.calls] == [3] * (tiles // 3) + [tiles % 3] + [1]
     sizes = [size for call in use_blob_detector.calls for size in call]
-    assert sizes.count((TILE, TILE)) == len(tile_windows(HEIGHT, WIDTH, TILE, OVERLAP)) == len(sizes) - 1
-    assert max(sizes[-1]) <= 1333
+    assert sizes.count((TILE, TILE)) == tiles == len(sizes) - 1 and max(sizes[-1]) <= 1333
     overlay = cv2.imread(str(tmp_path / "overlays" / "mosaic.jpg"))
     assert overlay.shape == (HEIGHT, WIDTH, 3)
 
@@ -273,6 +275,23 @@ def test_resume_keeps_sliced_results_and_refuses_other_slice_settings(use_blob_d
         result = CliRunner().invoke(app, ["predict", str(folder), *changed, "--out", str(out), "--resume", "-q"])
         assert result.exit_code == 2 and "slice" in result.output, result.output
     assert out.read_bytes() == first
+
+
+def test_video_frames_are_sliced_like_images(monkeypatch, tmp_path):
+    """A real video's frames through the tiles: records keep their frame and timestamp, the overlay
+    video is written, and every frame ran as 256-pixel tiles."""
+    detector = BlobDetector(lambda pixels: pixels.min(axis=-1) > 200, ResizePolicy(128, 213))  # bright areas
+    monkeypatch.setattr(predict_engine.Predictor, "load", classmethod(lambda cls, *a, **k: blob_predictor(detector)))
+    video = require(SHARED_DATA / "videos" / "again.mkv")
+    out = tmp_path / "frames.jsonl"
+    run_cli(str(video), "--slice", "256", "--vid-stride", "25", "--out", str(out), "--overlay", str(tmp_path / "ov"))
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["frame"] for line in lines] == [0, 25, 50, 75] and lines[1]["timestamp"] > 0
+    assert sum(len(line["instances"]) for line in lines) > 0
+    sizes = [size for call in detector.calls for size in call]
+    per_frame = len(tile_windows(480, 640, 256, 0.2))
+    assert sizes.count((256, 256)) == 4 * per_frame and len(sizes) == 4 * (per_frame + 1)
+    assert list((tmp_path / "ov").rglob("again.*"))  # the path as given, mirrored below the folder
 
 
 # -- exact merges of hand-made detections ---------------------------------------------------------

@@ -1,24 +1,31 @@
 """Merge the detections of overlapping tiles into one set of instances per image.
 
 Every detection ("piece") knows the window the model saw when it found it: its tile, or the whole
-image for the downscaled whole-image pass. Two pieces from different windows are the same object
-when their masks agree *where both windows saw the image*: the IoU (or IoS, intersection over the
-smaller) of the two masks clipped to the windows' overlap reaches the threshold. Measured there, an
-object cut by a seam matches its other part with an IoU near 1 whatever its size (the parts
-outside the shared strip are not counted against it), while neighbours that only touch do not
-match, and an object resting on a larger one (a bag on a person) does not vanish into it the way
-box IoS would make it. Pieces of the same window are never merged: the model's own NMS already
-decided they are different objects.
+image for the downscaled whole-image pass, and whether its tile cut it (its mask or box reaches an
+edge of the tile inside the image). Two pieces of different windows are the same object when
+their masks agree where both tell what the object is: a cut piece only inside its window, a piece
+its tile saw whole everywhere (pixels of the other piece beyond that tile then count against
+them). The IoU (or IoS, intersection over the smaller) of the two masks clipped to that region must
+reach the threshold. Measured there, an object cut by a seam matches its other part with an IoU
+near 1 whatever its size, neighbours that only touch do not match, and with IoU an object resting
+on a larger one (a bag on a person) does not vanish into it the way box IoS would make it. Pieces
+of the same window are never merged: the model's own NMS already kept them apart.
 
-Groups grow greedily, best score first: a group takes every unassigned piece of a window it has
-no piece from yet that matches one of its pieces, so an object cut by several seams becomes one
-instance. Matching is class-agnostic (tiles may name a cut object differently); the group's best
-piece gives score and category. Its mask and box are:
+Groups grow greedily, best score first: a group takes, from each window it has no piece of yet,
+the first unassigned piece (of the seed's class first, then by score) that matches one of its
+pieces, so an object cut by several seams becomes one instance. Matching is class-agnostic (tiles
+may name a cut object differently); the group's best piece gives score and category. Its mask and
+box are:
 
-- `nmm` (non-maximum merging, the default): the best piece that its tile saw whole (no pixel at an
-  edge of the tile that is not an edge of the image), which is exact at full resolution; if every
-  tile saw only a part, the union of all parts (and of the whole-image pass) and of their boxes.
-- `nms`: the best piece alone.
+- `nmm` (non-maximum merging, the default): those of the best piece whose tile holds every piece of
+  the group, i.e. that saw the whole object, exact at full resolution; if none did (an object
+  larger than a tile), the union of all pieces (the whole-image pass included) and of their boxes.
+- `nms`: those of the best piece alone.
+
+The model may also name one object twice (per-class NMS: a ring and a circle). Pairing tiles'
+guesses by class keeps one instance per class, as unsliced; a group that only repeats an instance
+already made, from partial views (cut pieces, the coarse whole-image pass), is dropped rather than
+kept as a fragment beside it (`_Grouping._second_guess`).
 
 Masks stay small: a piece holds the RLE of the crop around its mask; matching decodes two crops,
 merging builds the union crop of one group at a time, and the result is placed into an image-size
@@ -53,7 +60,7 @@ class Piece:
     category_id: int
     rect: tuple[int, int, int, int]  # x0, y0, x1, y1 of the mask's pixels (empty mask: x0 == x1)
     crop_rle: dict | None  # pycocotools RLE of the [h, w] crop at rect (None: empty mask)
-    cut: bool  # the mask reaches an edge of its tile inside the image
+    cut: bool  # its mask or box reaches an edge of its tile inside the image
 
     @property
     def reach(self) -> tuple[int, int, int, int]:
@@ -100,6 +107,8 @@ def merge_pieces(pieces: list[Piece], image_size: tuple[int, int], merge: str = 
 
 
 class _Grouping:
+    """The pieces of one image, their order (best score first) and the group each belongs to."""
+
     def __init__(self, pieces: list[Piece], match: str, threshold: float) -> None:
         self.pieces, self.match, self.threshold = pieces, match, threshold
         self.order = sorted(range(len(pieces)), key=lambda i: (-pieces[i].score, pieces[i].source, i))
