@@ -47,6 +47,8 @@ MATCHES = ("iou", "ios")
 WHOLE_IMAGE = -1  # `source` of pieces found by the whole-image pass
 EDGE_PIXELS, EDGE_FRACTION = 2, 0.05  # see _edge_margin
 UNASSIGNED, DROPPED = -1, -2
+DECODED_BUDGET = 256 << 20  # bytes of decoded crops kept while merging one image
+CELL = 256  # pixels: the grid that finds pieces near a piece
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Piece:
     rect: tuple[int, int, int, int]  # x0, y0, x1, y1 of the mask's pixels (empty mask: x0 == x1)
     crop_rle: dict | None  # pycocotools RLE of the [h, w] crop at rect (None: empty mask)
     cut: bool  # its mask or box reaches an edge of its tile inside the image
+    area: int = 0  # foreground pixels
 
     @property
     def reach(self) -> tuple[int, int, int, int]:
@@ -78,7 +81,8 @@ class Piece:
         cut = crop.mask.size > 0 and (_at_inner_edge(rect, window, crop.image_size)
                                       or _at_inner_edge(tuple(box), window, crop.image_size))
         encoded = mask_utils.encode(np.asfortranarray(crop.mask, dtype=np.uint8)) if crop.mask.size else None
-        return cls(source, window, box, float(score), int(category_id), rect, encoded, bool(cut))
+        return cls(source, window, box, float(score), int(category_id), rect, encoded, bool(cut),
+                   int(np.count_nonzero(crop.mask)))
 
     def mask(self) -> np.ndarray:
         """The [h, w] bool crop at `rect`."""
@@ -120,6 +124,10 @@ class _Grouping:
         self.categories = np.array([p.category_id for p in pieces], np.int64)
         self.group_of = np.full(len(pieces), UNASSIGNED)  # index of the instance, or UNASSIGNED / DROPPED
         self.masks = _CropCache(pieces)
+        self.cells: dict[tuple[int, int], list[int]] = {}  # grid cell -> pieces whose masks reach into it
+        for i, (x0, y0, x1, y1) in enumerate(self.rects.tolist()):
+            for cell in _cells((x0, y0, x1, y1)):
+                self.cells.setdefault(cell, []).append(i)
 
     def instances(self, image_size: tuple[int, int], merge: str) -> list[Merged]:
         merged: list[Merged] = []
@@ -168,10 +176,13 @@ class _Grouping:
 
     def _meeting(self, a: int, eligible: np.ndarray, order: np.ndarray) -> list[int]:
         """Eligible pieces whose masks' rectangles meet piece a's inside both reaches, by `order`."""
-        rects, windows = self.rects, self.reaches
-        lo = np.maximum(np.maximum(rects[a, :2], rects[:, :2]), np.maximum(windows[a, :2], windows[:, :2]))
-        hi = np.minimum(np.minimum(rects[a, 2:], rects[:, 2:]), np.minimum(windows[a, 2:], windows[:, 2:]))
-        found = np.flatnonzero((hi > lo).all(axis=1) & eligible)
+        near = np.unique(np.fromiter((i for cell in _cells(tuple(self.rects[a].tolist()))
+                                      for i in self.cells.get(cell, ())), np.int64))
+        near = near[eligible[near]]
+        rects, reaches = self.rects[near], self.reaches[near]
+        lo = np.maximum(np.maximum(self.rects[a, :2], rects[:, :2]), np.maximum(self.reaches[a, :2], reaches[:, :2]))
+        hi = np.minimum(np.minimum(self.rects[a, 2:], rects[:, 2:]), np.minimum(self.reaches[a, 2:], reaches[:, 2:]))
+        found = near[(hi > lo).all(axis=1)]
         return found[np.argsort(order[found], kind="stable")].tolist()
 
     def _lies_in(self, a: int, b: int) -> bool:
@@ -188,12 +199,12 @@ class _Grouping:
 def _overlap(a: Piece, b: Piece, masks: _CropCache) -> tuple[int, int, int]:
     """(intersection, area of a, area of b) of the two masks, where both tell (`Piece.reach`)."""
     shared = _meet(a.reach, b.reach)
-    mask_a, mask_b = masks.get(a), masks.get(b)
     both = _meet(_meet(a.rect, b.rect), shared)
     if both[2] <= both[0] or both[3] <= both[1]:
         return 0, 0, 0
+    mask_a, mask_b = masks.get(a), masks.get(b)
     inter = int(np.count_nonzero(_view(mask_a, a.rect, both) & _view(mask_b, b.rect, both)))
-    return inter, _count(mask_a, a.rect, shared), _count(mask_b, b.rect, shared)
+    return inter, _area_in(a, mask_a, shared), _area_in(b, mask_b, shared)
 
 
 def _meet(r: tuple[int, int, int, int], s: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
@@ -201,12 +212,14 @@ def _meet(r: tuple[int, int, int, int], s: tuple[int, int, int, int]) -> tuple[i
     return max(r[0], s[0]), max(r[1], s[1]), min(r[2], s[2]), min(r[3], s[3])
 
 
-def _count(mask: np.ndarray, rect: tuple[int, int, int, int], region: tuple[int, int, int, int]) -> int:
-    """Foreground pixels of a crop at rect inside region."""
-    inside = _meet(rect, region)
+def _area_in(piece: Piece, mask: np.ndarray, region: tuple[int, int, int, int]) -> int:
+    """Foreground pixels of a piece inside region (mask: its decoded crop)."""
+    inside = _meet(piece.rect, region)
+    if inside == piece.rect:
+        return piece.area
     if inside[2] <= inside[0] or inside[3] <= inside[1]:
         return 0
-    return int(np.count_nonzero(_view(mask, rect, inside)))
+    return int(np.count_nonzero(_view(mask, piece.rect, inside)))
 
 
 def _view(mask: np.ndarray, rect: tuple[int, int, int, int], region: tuple[int, int, int, int]) -> np.ndarray:
@@ -232,6 +245,14 @@ def _merge_group(group: list[Piece], masks: _CropCache, image_size: tuple[int, i
         _view(union, rect, piece.rect)[...] |= masks.get(piece)
     height, width = image_size
     return Merged(box, best.score, best.category_id, crop_to_rle(union, rect[0], rect[1], height, width), len(group))
+
+
+def _cells(rect: tuple[int, int, int, int]) -> list[tuple[int, int]]:
+    """The grid cells a rectangle covers (none for an empty one)."""
+    x0, y0, x1, y1 = rect
+    if x1 <= x0 or y1 <= y0:
+        return []
+    return [(cx, cy) for cx in range(x0 // CELL, (x1 - 1) // CELL + 1) for cy in range(y0 // CELL, (y1 - 1) // CELL + 1)]
 
 
 def _edge_margin(rect: tuple) -> float:
@@ -261,12 +282,13 @@ def _inside(rect: tuple[int, int, int, int], window: tuple[int, int, int, int]) 
 
 
 class _CropCache:
-    """Decoded crops of the pieces a group is being matched against; a few at a time."""
+    """Decoded crops, the most recently used first, up to `budget` bytes: groups form in score
+    order, all over the image, so a small cache would decode the same crops again and again."""
 
-    def __init__(self, pieces: list[Piece], size: int = 64) -> None:
+    def __init__(self, pieces: list[Piece], budget: int = DECODED_BUDGET) -> None:
         self._ids = {id(p): i for i, p in enumerate(pieces)}
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._size = size
+        self._budget, self._bytes = budget, 0
 
     def get(self, piece: Piece) -> np.ndarray:
         key = self._ids[id(piece)]
@@ -275,6 +297,7 @@ class _CropCache:
             return self._cache[key]
         mask = piece.mask()
         self._cache[key] = mask
-        if len(self._cache) > self._size:
-            self._cache.popitem(last=False)
+        self._bytes += mask.nbytes
+        while self._bytes > self._budget and len(self._cache) > 1:
+            self._bytes -= self._cache.popitem(last=False)[1].nbytes
         return mask
