@@ -461,6 +461,7 @@ def test_auto_rule_slices_images_the_model_would_shrink_more_than_4x():
     assert auto.tile_for(4000, 6000, coco) == 800  # 24 MP: tiles of the model's input size
     assert auto.tile_for(10_000, 10_000, coco) == 800
     assert auto.tile_for(1024, 1024, demo) is None and auto.tile_for(1100, 1100, demo) == 256
+    assert auto.tile_for(800, 4000, demo) == 256  # a strip: shrunk 9x to fit the model's 427 pixels
     assert SliceSettings(tile=1024).tile_for(1024, 900, coco) is None  # fits in one tile
     assert SliceSettings(tile=1024).tile_for(1025, 900, coco) == 1024
 
