@@ -23,6 +23,18 @@ pass over the whole image, `--max-det 20000`.
 
 Each measurement is a fresh process (peak RSS = its VmHWM); rounds alternate which side goes
 first. Timing on a shared CPU is noisy: compare the ratio within one run.
+
+Measured on the 2-core CPU shared with other jobs (load ~11, OMP_NUM_THREADS=1), 2 rounds each:
+- 10,000 x 10,000 (625 tiles, 11,514 detections, 8,084 instances written): segcli 270 s (median),
+  peak RSS 2.1 GB. The reference would need 1,072 GB of masks; its model pass over the same tiles
+  alone (masks only counted) took 208 s, so segcli's pasting, merging and writing cost ~60 s.
+- 4,000 x 4,000 (1,854 detections, 1,323 instances): segcli 44 s, 0.99 GB; the reference would
+  need 27.6 GB (its model pass alone: 50 s).
+- 2,000 x 2,000 (540 detections), where the reference fits: segcli 16.4 s and 0.91 GB against
+  44.4 s and 2.5 GB: 2.7x as fast, 2.8x less memory. The reference writes fewer instances (257
+  against 390): its box-IoS merging is class-aware and absorbs any box mostly inside another.
+- Placing one 120 x 90 mask into a 10,000 x 10,000 RLE: 0.09 ms from the crop against 126 ms via a
+  full-size mask and pycocotools' encode; reading it back as a crop 0.36 ms against 511 ms.
 """
 
 from __future__ import annotations
