@@ -28,6 +28,7 @@ import torch
 from segcli import __version__
 from segcli.atomic import atomic_write
 from segcli.data.decode import Decoded, InputDone, iter_decoded
+from segcli.data.georef import GeoReader
 from segcli.data.sources import InputItem, expand_sources
 from segcli.engine.device import prepare_for_inference, resolve_device, resolve_precision
 from segcli.engine.progress import Progress
@@ -38,7 +39,7 @@ from segcli.model.roi_heads import CUDA_CANDIDATE_CAP, DetectionSettings
 from segcli.ops.rle import encode_masks
 from segcli.weights import Checkpoint, resolve_weights
 from segcli.writers.coco import CocoWriter
-from segcli.writers.geojson import GeoJsonWriter
+from segcli.writers.geojson import write_geojson
 from segcli.writers.journal import Journal, Signature, state_dir_for
 from segcli.writers.jsonl import JsonlWriter, record_line
 from segcli.writers.overlay import OverlayWriter
@@ -379,6 +380,8 @@ class _Run:
             self.per_image = {"labelme": lambda: LabelMeWriter(plan.out), "yolo": lambda: YoloWriter(plan.out, categories),
                               "png": lambda: PngWriter(plan.out, categories)}[plan.format]()
         self.overlay = OverlayWriter(Path(options.overlay)) if options.overlay else None
+        # GeoJSON of georeferenced TIFFs is written in their own CRS (segcli.writers.geojson).
+        self.georef = GeoReader(self.warn) if plan.format == "geojson" else None
         self.stdout_lines = JsonlWriter(sys.stdout.buffer) if plan.out is None and plan.format == "jsonl" else None
         self.signatures = {i: Signature.of(items[i].path) for i in todo}
         self.files: dict[int, list[str]] = {}  # per-image outputs of the video in progress
@@ -429,9 +432,12 @@ class _Run:
     def _result(self, index: int, decoded: Decoded, result: ImagePrediction) -> int:
         """Handle one image or frame result; returns 1 when that completed an input."""
         item, stem = self.items[index], self.stems[index]
+        geo = self.georef.read(item.path, result.width, result.height) if self.georef and result.frame is None else None
         record = build_record(item.file_name, result.frame, result.timestamp, result.width, result.height,
                               result.boxes, result.scores, result.category_ids, result.rles, self.category_names,
-                              self.options.poly_tolerance if self.plan.polygons else None)
+                              self.options.poly_tolerance if self.plan.polygons else None,
+                              pixel_centres=self.per_image is not None and self.per_image.pixel_centres,
+                              geo=geo.as_record() if geo else None)
         files = self.files.setdefault(index, [])
         if self.per_image is not None:
             files += _absolute(self.plan.out, self.per_image.write(Target(record, frame_stem(stem, result.frame), item.path)))
@@ -481,7 +487,10 @@ class _Run:
         plan = self.plan
         if plan.per_image or self.journal is None:
             return
-        records = (record for key in self.keys if self.journal.is_done(key) for record in self.journal.records(key))
+        def done_records():
+            return (record for key in self.keys if self.journal.is_done(key) for record in self.journal.records(key))
+
+        records = done_records()
         if plan.format in ("coco", "coco-results"):
             target = plan.out if plan.out is not None else Path(self.journal.dir) / "out.json"
             writer = CocoWriter(target, self.predictor.checkpoint.categories,
@@ -497,10 +506,7 @@ class _Run:
                 for record in records:
                     handle.write(record_line(record))
             else:
-                geojson = GeoJsonWriter(handle, self.info)
-                for record in records:
-                    geojson.add_record(record)
-                geojson.finish()
+                write_geojson(handle, done_records, self.info, self.warn)
 
 
 def _absolute(root: Path, relative: list[str]) -> list[str]:
