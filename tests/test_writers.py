@@ -228,3 +228,41 @@ def test_output_stems_mirror_folders_and_never_clash():
     stems = output_stems(items)
     assert stems == ["a/img", "b/img", "a/img.png", "a/IMG.jpg", "abs/x", "up/y", "clip"]
     assert frame_stem("clip", 42) == "clip/000042" and frame_stem("a/img", None) == "a/img"
+
+
+def test_join_parts_walks_every_ring_once_through_middle_parts():
+    """Three squares in a row (the middle one is entered and left at different corners) and a
+    square with a hole: filled by the even-odd rule, the joined path gives every part back, the
+    hole empty, and beyond them only the one-pixel links."""
+    from segcli.writers.join_parts import join_parts
+
+    mask = np.zeros((40, 120), bool)
+    for left in (5, 45, 85):
+        mask[5:20, left:left + 15] = True
+    mask[25:38, 50:70] = True
+    mask[29:34, 55:65] = False
+    parts = mask_polygons(mask, 0.0, pixel_centres=True)
+    rings = [np.asarray(ring[:-1]) for part in parts for ring in [part.exterior, *part.holes]]
+    assert len(rings) == 5
+    path = join_parts(rings)
+    assert {tuple(p) for r in rings for p in r} <= {tuple(p) for p in path}
+    read = fill_poly(path, 40, 120)
+    assert (read >= mask).all() and not read[30:33, 56:64].any()
+    assert (read & ~mask).sum() <= 4 * 40  # four links, none longer than 40 pixels
+    assert join_parts(rings[:1]) is not None and np.array_equal(join_parts(rings[:1]), rings[0])
+
+
+def test_instances_without_a_polygon_keep_their_box(tmp_path):
+    """A one-pixel-wide mask has no area on the pixel-centre line: too small to be a polygon, but
+    the instance is not lost (one YOLO line, one LabelMe shape per instance)."""
+    masks = np.zeros((1, 30, 40), bool)
+    masks[0, 10, 5:25] = True
+    record = _record(masks, [0.9], [1], pixel_centres=True)
+    assert record["instances"][0]["polygons"] == []
+    YoloWriter(tmp_path, CATEGORIES).write(Target(record, "line", Path("x")))
+    (line,) = (tmp_path / "line.txt").read_text().splitlines()
+    xy = np.array(line.split()[1:], float).reshape(-1, 2) * [40, 30]
+    assert line.split()[0] == "0" and np.array_equal(fill_poly(xy, 30, 40), masks[0])
+    LabelMeWriter(tmp_path).write(Target(record, "line", tmp_path / "x.jpg"))
+    (shape,) = json.loads((tmp_path / "line.json").read_text())["shapes"]
+    assert shape["shape_type"] == "rectangle" and shape["points"] == [[5.0, 10.0], [24.0, 10.0]]
