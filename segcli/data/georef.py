@@ -85,8 +85,8 @@ def _orientation(path: Path) -> int:
     try:
         with Image.open(path) as image:
             return int(image.getexif().get(_ORIENTATION_TAG, 1))
-    except Exception:  # not readable as a TIFF header: decoding reports it; no georeference
-        return 0
+    except Exception:  # files Pillow cannot read are decoded by OpenCV, upright (segcli.data.images)
+        return 1
 
 
 def _has_geotiff_tags(path: Path) -> bool:
