@@ -6,11 +6,11 @@ from typing import Optional
 
 import typer
 
-from segcli.cli.app import EXIT_CODES_HELP, app, run_engine
+from segcli.cli.app import EXIT_CODES_HELP, SegcliCommand, app, run_engine
 from segcli.errors import ExitCode
 
 
-@app.command("eval", epilog=EXIT_CODES_HELP)
+@app.command("eval", cls=SegcliCommand, epilog=EXIT_CODES_HELP)
 def evaluate(
     gt: str = typer.Option(..., "--gt", help="Ground truth: a COCO dataset file (images, categories, annotations)."),
     pred: Optional[str] = typer.Option(

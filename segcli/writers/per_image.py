@@ -100,6 +100,8 @@ class PngWriter:
     `<stem>.classes.png` (8-bit: 0 background, else the category id). Where masks overlap, the
     higher-scoring instance owns the pixel."""
 
+    suffixes = (".instances.png", ".classes.png")
+
     def __init__(self, out: Path, categories: list[dict]) -> None:
         self.out = out
         too_big = [c["id"] for c in categories if not 0 < int(c["id"]) <= 255]
@@ -122,7 +124,7 @@ class PngWriter:
             instances[mask] = rank
             classes[mask] = instance["category_id"]
         written = []
-        for name, array in ((".instances.png", instances), (".classes.png", classes)):
+        for name, array in zip(self.suffixes, (instances, classes)):
             relative = target.stem + name
             ok, data = cv2.imencode(".png", array)
             if not ok:
