@@ -59,8 +59,8 @@ def refuse_overwrites(inputs: Iterable[tuple[str, Path]], outputs: Sequence[Outp
             if known is not None:
                 raise UsageError(f"{output.named} is {known[0]} '{known[1]}', a file; give a folder")
             check_location(output)
-        else:
-            _refuse_input(output, by_inode)
+        else:  # resolved first: `new/../a.jpg` is a.jpg once `new/` is created
+            _refuse_input(output, by_inode, os.path.realpath(output.path))
         key = os.path.normcase(os.path.realpath(output.path))
         other = claimed.get(key)
         if other is not None and not (other.folder and output.folder):
@@ -68,17 +68,17 @@ def refuse_overwrites(inputs: Iterable[tuple[str, Path]], outputs: Sequence[Outp
                              f"{'path' if other.folder or output.folder else 'file'}; give each its own")
         claimed.setdefault(key, output)
     for output in files:
-        _refuse_input(output, by_inode)
+        _refuse_input(output, by_inode, output.path)
     for output in outputs:
         if not output.folder:
             check_location(output)
 
 
-def _refuse_input(output: Output, by_inode: dict[tuple[int, int], tuple[str, Path]]) -> None:
-    inode = _inode(output.path)
+def _refuse_input(output: Output, by_inode: dict[tuple[int, int], tuple[str, Path]], path_to_check: str | Path) -> None:
+    inode = _inode(path_to_check)
     if inode is not None and inode in by_inode:
         name, path = by_inode[inode]
-        where = f" (its file '{output.path}')" if output.given is not None and output.path != Path(path) else ""
+        where = f" (its file '{output.path}')" if output.given is not None and output.path != path else ""
         raise UsageError(f"{output.named}{where} would overwrite {name} '{path}'; choose another path")
 
 

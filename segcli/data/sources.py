@@ -145,7 +145,8 @@ def _walk_images(root: Path, ignored: Counter[str]) -> Iterable[str]:
 
 def describe_ignored(ignored: Counter[str], shown: int = 5) -> str:
     """`.gif 3, .heic 1` (the most common extensions first; a file without one is `no extension`)."""
-    parts = [f"{extension or 'no extension'} {count}" for extension, count in ignored.most_common(shown)]
+    common = sorted(ignored.items(), key=lambda entry: (-entry[1], entry[0] == "", entry[0]))[:shown]
+    parts = [f"{extension or 'no extension'} {count}" for extension, count in common]
     if len(ignored) > shown:
         parts.append("...")
     return ", ".join(parts)
