@@ -6,7 +6,8 @@ from typing import Optional
 
 import typer
 
-from segcli.cli.app import EXIT_CODES_HELP, SegcliCommand, app, run_engine
+from segcli.cli.app import EXIT_CODES_HELP, app, run_engine
+from segcli.cli.command import SegcliCommand
 from segcli.errors import ExitCode
 
 

@@ -7,7 +7,8 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from segcli.cli.app import EXIT_CODES_HELP, SegcliCommand, app, run_engine
+from segcli.cli.app import EXIT_CODES_HELP, app, run_engine
+from segcli.cli.command import SegcliCommand
 
 
 @app.command(cls=SegcliCommand, epilog=EXIT_CODES_HELP)

@@ -10,7 +10,8 @@ from typing import List, Optional
 import typer
 
 from segcli import STARTED
-from segcli.cli.app import EXIT_CODES_HELP, SegcliCommand, app, run_engine
+from segcli.cli.app import EXIT_CODES_HELP, app, run_engine
+from segcli.cli.command import SegcliCommand
 from segcli.data.sources import describe_ignored
 from segcli.errors import ExitCode
 from segcli.text import escaped, plural
@@ -71,7 +72,7 @@ def predict(
     # cron and container stops send SIGTERM: stop like Ctrl-C, so the output written so far is valid.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        # A reader of stdout that goes away (`| head`) ends the run by SIGPIPE (see cli.app).
+        # A reader of stdout that goes away (`| head`) ends the run by SIGPIPE (see cli.command).
         summary = run_engine(lambda: run_predict(options, stdin=sys.stdin),
                              "the output written so far is valid (rerun with --resume to finish)")
     finally:

@@ -29,7 +29,7 @@ PLAIN_WIDTH = 1000  # never wrap plain output: a wrapped row is two lines a scri
 
 class _Console(Console):
     def on_broken_pipe(self) -> None:
-        # rich would exit 1 (the code of failed inputs); segcli ends as Unix tools do (cli.app).
+        # rich would exit 1 (the code of failed inputs); segcli ends as Unix tools do (cli.command).
         raise BrokenPipeError(errno.EPIPE, "the reader of the tables went away")
 
 
