@@ -35,6 +35,7 @@ from segcli.model.maskrcnn import MaskRCNN
 from segcli.model.preprocess import ResizePolicy
 from segcli.model.training import TrainingModel, TrainSettings
 from segcli.paths_guard import Output, file_inputs, refuse_overwrites
+from segcli.text import escaped
 from segcli.weights import resolve_weights, save_checkpoint
 
 DEFAULT_ARCH = "maskrcnn_resnet50_fpn_v2"
@@ -265,7 +266,9 @@ def run_train(options: TrainOptions, stderr: TextIO | None = None) -> TrainSumma
     refuse_overwrites_of_inputs(options)
     dist = dist_from_env()
     device = init_distributed(dist, options.device)
-    say = (lambda text: print(f"segcli: {text}", file=stderr, flush=True)) if dist.is_main and not options.quiet else (lambda text: None)
+    # escaped: a file_name from the annotations with a newline in it must not split a line.
+    say = (lambda text: print(f"segcli: {escaped(text, backslashes=False)}", file=stderr, flush=True)) \
+        if dist.is_main and not options.quiet else (lambda text: None)
     out = Path(options.out)
     last_path = out / CHECKPOINT_LAST
     if last_path.exists() and not options.resume:
