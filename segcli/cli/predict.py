@@ -54,7 +54,7 @@ def predict(
     workers: Optional[int] = typer.Option(
         None, help="Background decoding threads (default 1 on <= 2 CPU cores, else 2; 0 decodes inline)."
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, warnings or summary on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, notes or summary on stderr; failed inputs are still named."),
 ) -> None:
     """Predict instance masks for images and videos and write them as COCO, JSON Lines, GeoJSON,
     LabelMe, YOLO or PNG; data goes to stdout only, logs and progress to stderr."""
