@@ -112,6 +112,7 @@ class PngWriter:
     `<stem>.classes.png` (8-bit: 0 background, else the category id). Where masks overlap, the
     higher-scoring instance owns the pixel."""
 
+    suffixes = (".instances.png", ".classes.png")
     pixel_centres = False  # paints the RLE masks; polygons unused
 
     def __init__(self, out: Path, categories: list[dict]) -> None:
@@ -136,7 +137,7 @@ class PngWriter:
             instances[mask] = rank
             classes[mask] = instance["category_id"]
         written = []
-        for name, array in ((".instances.png", instances), (".classes.png", classes)):
+        for name, array in zip(self.suffixes, (instances, classes)):
             relative = target.stem + name
             ok, data = cv2.imencode(".png", array)
             if not ok:

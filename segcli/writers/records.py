@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from segcli.ops.rle import rle_area
-from segcli.writers.polygons import mask_polygons
 
 
 def build_record(
@@ -35,6 +34,9 @@ def build_record(
     """
     from pycocotools import mask as mask_utils
 
+    if poly_tolerance is not None:
+        # Polygons need OpenCV and shapely: loaded only by runs that write them (start-up time).
+        from segcli.writers.polygons import mask_polygons
     instances = []
     areas = rle_area(rles)
     for box, score, category, rle, area in zip(np.asarray(boxes_xyxy).reshape(-1, 4), scores, category_ids, rles, areas):
