@@ -52,6 +52,10 @@ def predict(
         None, help="Background decoding threads (default 1 on <= 2 CPU cores, else 2; 0 decodes inline)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, warnings or summary on stderr."),
+    shard: Optional[str] = typer.Option(
+        None, metavar="K/N",
+        help="Predict only the K-th of N equal slices of the sorted inputs (1/N..N/N); join the parts with segcli merge.",
+    ),
 ) -> None:
     """Predict instance masks for images and videos and write them as COCO, JSON Lines, GeoJSON,
     LabelMe, YOLO or PNG; data goes to stdout only, logs and progress to stderr."""
@@ -61,7 +65,7 @@ def predict(
         sources=sources, out=out, weights=weights, arch=arch, device=device, precision=precision,
         batch_size=batch_size, score_thr=score_thr, max_det=max_det, format=format, workers=workers, quiet=quiet,
         masks=masks, poly_tolerance=poly_tolerance, classes=classes, vid_stride=vid_stride, overlay=overlay,
-        resume=resume,
+        resume=resume, shard=shard,
     )
     # Pillow warns about oddities it recovers from ("Corrupt EXIF data"); segcli reports what
     # matters about an input in its own one line, and a warning per file would flood cron logs.

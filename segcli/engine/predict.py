@@ -31,6 +31,7 @@ from segcli.data.decode import Decoded, InputDone, iter_decoded
 from segcli.data.sources import InputItem, expand_sources
 from segcli.engine.device import prepare_for_inference, resolve_device, resolve_precision
 from segcli.engine.progress import Progress
+from segcli.engine.shards import ShardRun, ShardSpec
 from segcli.errors import UsageError
 from segcli.model.build import model_from_checkpoint
 from segcli.model.maskrcnn import Detections, MaskRCNN
@@ -74,6 +75,8 @@ class PredictOptions:
     vid_stride: int = 1  # every N-th video frame
     overlay: str | None = None  # folder for images/videos with the predictions drawn
     resume: bool = False  # skip inputs already done by an earlier run with the same settings
+    shard: str | None = None  # "K/N": only the K-th of N slices of the inputs (segcli.engine.shards)
+    rank: ShardSpec | None = None  # under torchrun: this process's slice, set by segcli.engine.torchrun_predict
 
 
 @dataclass
@@ -299,9 +302,15 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
     _refuse_overwriting_inputs(items, stems, options.overlay)
     keys = [json.dumps([os.path.realpath(item.path), item.file_name, stem], ensure_ascii=False)
             for item, stem in zip(items, stems)]
+    # Names are given over the whole list first, so that every shard names its inputs as one run would.
+    shard = ShardRun.of(options, plan, [item.file_name for item in items], stems)
+    if shard is not None:
+        plan, items, stems, keys = shard.plan, shard.span.take(items), shard.span.take(stems), shard.span.take(keys)
     show_progress = (stderr.isatty() and not options.quiet) if options.progress is None else options.progress
     with contextlib.ExitStack() as stack:
         journal = _open_journal(plan, options, stack)  # takes the lock: a second run stops here, at once
+        if shard is not None:
+            shard.begin()
         if journal is not None and options.resume:
             journal.keep_only(dict(zip(keys, (item.path for item in items))))
         todo = [i for i in range(len(items)) if journal is None or not journal.is_done(keys[i])]
@@ -310,6 +319,8 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
         run = _Run(options, plan, predictor, items, stems, keys, todo, journal, stderr, show_progress)
         summary = run.go()
         summary.reused = len(items) - len(todo)
+        if shard is not None:
+            shard.finish(journal, keys, fingerprint(options, plan))
         return summary
 
 
