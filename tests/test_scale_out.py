@@ -242,3 +242,22 @@ def test_merge_refuses_changed_unfinished_and_per_image_parts(parts, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("segcli: error: ") and words in lines[0], lines
     assert not (tmp_path / "m.json").exists()
+
+
+def test_torchrun_two_cpu_processes_write_what_one_process_writes(sources, checkpoint, one_run, tmp_path):  # noqa: F811
+    common = cli_flags(sources, checkpoint)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp.json"
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "segcli", "predict", *common[:-1], "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode != 0  # torchrun reports rank 0's exit code 1 (one input failed) as a failure
+    assert ddp.stdout == ""
+    # Rank 0 alone reports, for both ranks: one summary line, the failure (rank 1's input) listed once.
+    summaries = [line for line in ddp.stderr.splitlines() if line.startswith("segcli: ")]
+    assert len(summaries) == 1 and summaries[0].startswith("segcli: 5 images"), ddp.stderr[-3000:]
+    assert ddp.stderr.count("broken.jpg: not an image") == 1
+    assert out.read_bytes() == one_run("coco").read_bytes(), ddp.stderr[-3000:]
+    ranks = out.parent / f".{out.name}.ranks"
+    # The rank parts are gone; their journals stay for --resume.
+    assert sorted(p.name for p in ranks.iterdir()) == [".part-1-of-2.json.segcli", ".part-2-of-2.json.segcli"]

@@ -67,6 +67,7 @@ def predict(
         masks=masks, poly_tolerance=poly_tolerance, classes=classes, vid_stride=vid_stride, overlay=overlay,
         resume=resume, shard=shard,
     )
+    quiet = options.quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun rank 0 reports for all
     # Pillow warns about oddities it recovers from ("Corrupt EXIF data"); segcli reports what
     # matters about an input in its own one line, and a warning per file would flood cron logs.
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")

@@ -296,6 +296,10 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
     stderr = stderr or sys.stderr
     if options.batch_size is not None and options.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.rank is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from segcli.engine.torchrun_predict import run_ranks  # each rank runs this with its own slice
+
+        return run_ranks(options, stdin, stderr)
     plan = plan_output(options)
     items = expand_sources(options.sources, stdin=stdin)
     stems = output_stems(items)
