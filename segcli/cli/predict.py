@@ -56,6 +56,11 @@ def predict(
         None, metavar="K/N",
         help="Predict only the K-th of N equal slices of the sorted inputs (1/N..N/N); join the parts with segcli merge.",
     ),
+    ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster (pip install \"segcli[ray]\"): RAY_ADDRESS, "
+                                                 "a cluster started on this machine, else a local one."),
+    ray_address: Optional[str] = typer.Option(None, metavar="ADDRESS",
+                                              help="Ray cluster to join (auto, HOST:PORT, ray://HOST:PORT); implies --ray."),
+    ray_actors: Optional[int] = typer.Option(None, help="With --ray: model replicas (default one per GPU, else one per 4 CPUs)."),
 ) -> None:
     """Predict instance masks for images and videos and write them as COCO, JSON Lines, GeoJSON,
     LabelMe, YOLO or PNG; data goes to stdout only, logs and progress to stderr."""
@@ -65,7 +70,8 @@ def predict(
         sources=sources, out=out, weights=weights, arch=arch, device=device, precision=precision,
         batch_size=batch_size, score_thr=score_thr, max_det=max_det, format=format, workers=workers, quiet=quiet,
         masks=masks, poly_tolerance=poly_tolerance, classes=classes, vid_stride=vid_stride, overlay=overlay,
-        resume=resume, shard=shard,
+        resume=resume, shard=shard, ray=ray_address if ray_address is not None else ("" if ray else None),
+        ray_actors=ray_actors,
     )
     quiet = options.quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun rank 0 reports for all
     # Pillow warns about oddities it recovers from ("Corrupt EXIF data"); segcli reports what

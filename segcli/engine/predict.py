@@ -77,6 +77,8 @@ class PredictOptions:
     resume: bool = False  # skip inputs already done by an earlier run with the same settings
     shard: str | None = None  # "K/N": only the K-th of N slices of the inputs (segcli.engine.shards)
     rank: ShardSpec | None = None  # under torchrun: this process's slice, set by segcli.engine.torchrun_predict
+    ray: str | None = None  # run on Ray: "" for ray.init()'s own choice, else a cluster address
+    ray_actors: int | None = None  # with ray: model replicas (None: one per GPU, else one per 4 CPUs)
 
 
 @dataclass
@@ -318,10 +320,16 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
         if journal is not None and options.resume:
             journal.keep_only(dict(zip(keys, (item.path for item in items))))
         todo = [i for i in range(len(items)) if journal is None or not journal.is_done(keys[i])]
-        predictor = Predictor.load(options.weights, options.arch, options.device, options.precision,
-                                   options.score_thr, options.max_det, progress=show_progress, classes=options.classes)
-        run = _Run(options, plan, predictor, items, stems, keys, todo, journal, stderr, show_progress)
-        summary = run.go()
+        if options.ray is not None:
+            from segcli.engine.ray_predict import run_on_ray
+
+            summary = run_on_ray(options, plan, items, stems, keys, todo, journal, stderr, show_progress)
+        else:
+            predictor = Predictor.load(options.weights, options.arch, options.device, options.precision,
+                                       options.score_thr, options.max_det, progress=show_progress,
+                                       classes=options.classes)
+            run = _Run(options, plan, predictor, items, stems, keys, todo, journal, stderr, show_progress)
+            summary = run.go()
         summary.reused = len(items) - len(todo)
         if shard is not None:
             shard.finish(journal, keys, fingerprint(options, plan))
