@@ -9,11 +9,13 @@ text too, for callers that copy items unchanged.
 from __future__ import annotations
 
 import json
+import re
 from typing import IO, Any, Iterator
 
 _CHUNK = 1 << 20
 _WHITESPACE = " \t\n\r"
 _decoder = json.JSONDecoder()
+_DELIMITER = re.compile(r"[,:\]}\s]")
 
 
 class JsonStreamError(ValueError):
@@ -56,7 +58,11 @@ class JsonStream:
 
     def value(self) -> tuple[Any, str]:
         """Decode the next value; returns it with its raw text."""
-        self.peek()
+        if self.peek() not in ("{", "[", '"'):
+            # A bare number cut by the buffer's end decodes as a shorter one ("2." as 2):
+            # read on until a delimiter follows it.
+            while not _DELIMITER.search(self._buffer, self._pos) and self._more():
+                pass
         while True:
             try:
                 value, end = _decoder.raw_decode(self._buffer, self._pos)
@@ -64,9 +70,6 @@ class JsonStream:
                 if self._more():  # the value runs past the buffer: read on and try again
                     continue
                 raise JsonStreamError(str(exc)) from None
-            # A number at the very end of the buffer may go on in the next chunk.
-            if end == len(self._buffer) and self._more():
-                continue
             raw = self._buffer[self._pos:end]
             self._pos = end
             return value, raw
@@ -74,37 +77,41 @@ class JsonStream:
     def members(self) -> Iterator[str]:
         """The keys of the object that starts here; after each key, the caller reads its value
         (`value()` or `items()`) before asking for the next."""
-        self.expect("{")
-        if self.peek() == "}":
-            self._pos += 1
-            return
-        while True:
-            key, _ = self.value()
-            if not isinstance(key, str):
-                raise JsonStreamError("an object key is not a string")
-            self.expect(":")
-            yield key
-            following = self.peek()
-            self._pos += 1
-            if following == "}":
-                return
-            if following != ",":
-                raise JsonStreamError(f"expected ',' or '}}', found {following or 'the end of the file'!r}")
+        if self._opens("{", "}"):
+            while True:
+                key, _ = self.value()
+                if not isinstance(key, str):
+                    raise JsonStreamError("an object key is not a string")
+                self.expect(":")
+                yield key
+                if self._closes("}"):
+                    return
 
     def items(self) -> Iterator[tuple[Any, str]]:
         """The items of the array that starts here, each with its raw text."""
-        self.expect("[")
-        if self.peek() == "]":
+        if self._opens("[", "]"):
+            while True:
+                yield self.value()
+                if self._closes("]"):
+                    return
+
+    def _opens(self, opening: str, closing: str) -> bool:
+        """Consume `opening`; False (and the `closing` too) when the container is empty."""
+        self.expect(opening)
+        if self.peek() == closing:
             self._pos += 1
-            return
-        while True:
-            yield self.value()
-            following = self.peek()
-            self._pos += 1
-            if following == "]":
-                return
-            if following != ",":
-                raise JsonStreamError(f"expected ',' or ']', found {following or 'the end of the file'!r}")
+            return False
+        return True
+
+    def _closes(self, closing: str) -> bool:
+        """After an entry: True at `closing`, False at a comma (both consumed)."""
+        following = self.peek()
+        self._pos += 1
+        if following == closing:
+            return True
+        if following != ",":
+            raise JsonStreamError(f"expected ',' or {closing!r}, found {following or 'the end of the file'!r}")
+        return False
 
     def skip(self) -> None:
         """Pass over the next value, array items one at a time (a skipped `images` list stays small)."""
