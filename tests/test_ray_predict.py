@@ -34,9 +34,16 @@ def test_two_ray_actors_write_what_one_process_writes(cluster, sources, checkpoi
     out = tmp_path / "ray.json"
     summary = run_predict(options(sources, out, checkpoint, ray="", ray_actors=2))
     assert summary.images == 5 and summary.frames >= 3
-    assert [path for path, _ in summary.failures] == [sources[1] + "/broken.jpg"]
+    assert [path for path, _ in summary.failures] == [sources[2] + "/broken.jpg"]
     assert out.read_bytes() == one_run("coco").read_bytes()
     assert cluster.is_initialized()  # a cluster the caller started is left running for it
+
+
+def test_json_lines_on_stdout_come_in_input_order(cluster, sources, checkpoint, one_run, capfdbinary):  # noqa: F811
+    """The video is the first input and the slowest: one actor is still on it while the other
+    finishes the photos, whose lines must still wait for the video's."""
+    run_predict(options(sources, "-", checkpoint, ray="", ray_actors=2))
+    assert capfdbinary.readouterr().out == one_run("jsonl").read_bytes()
 
 
 def test_without_ray_one_line_naming_the_install_command_exit_3(sources, tmp_path):  # noqa: F811
@@ -51,3 +58,13 @@ def test_without_ray_one_line_naming_the_install_command_exit_3(sources, tmp_pat
     assert result.stderr.strip().splitlines() == [
         'segcli: error: --ray needs Ray (with Ray Data), which is not installed: pip install "segcli[ray]"']
     assert not Path(tmp_path / "p.json").exists()
+
+
+def test_ray_actors_without_ray_is_a_usage_error(sources, tmp_path):  # noqa: F811
+    from typer.testing import CliRunner
+
+    from segcli.cli import app
+
+    result = CliRunner().invoke(app, ["predict", *sources, "--ray-actors", "2", "--out", str(tmp_path / "p.json")])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == ["segcli: error: --ray-actors needs --ray (or --ray-address)"]

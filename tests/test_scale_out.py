@@ -32,13 +32,14 @@ SUFFIXES = {"coco": ".json", "coco-results": ".json", "jsonl": ".jsonl", "geojso
 
 @pytest.fixture(scope="module")
 def sources(photos, tmp_path_factory) -> list[str]:  # noqa: F811
-    """Seven inputs in three SOURCEs: two folders whose `x.jpg` clash (the second is renamed
-    `b/x.jpg`), a corrupt image, and a real video; 3 shards cut them 2 + 2 + 3, the video last."""
+    """Seven inputs in three SOURCEs: a real video (first: the slowest input, which results that
+    overtake it would show), two folders whose `x.jpg` clash (the second is renamed `b/x.jpg`) and a
+    corrupt image; 3 shards cut them 2 + 2 + 3, the video whole in the first."""
     root = tmp_path_factory.mktemp("inputs")
     make_images(root / "a", photos, ["x.jpg", "y.jpg", "sub/z.jpg"])
     make_images(root / "b", photos[3:], ["x.jpg", "w.jpg"])
     (root / "b" / "broken.jpg").write_bytes(b"not an image at all")
-    return [str(root / "a"), str(root / "b"), str(require(VIDEO))]
+    return [str(require(VIDEO)), str(root / "a"), str(root / "b")]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -82,6 +83,32 @@ def test_shards_are_contiguous_balanced_and_cover_every_input():
     assert parse_shard(" 2 / 8 ") == ShardSpec(2, 8)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 20])
+def test_json_stream_reads_every_value_wherever_the_buffer_cuts_it(chunk, monkeypatch):
+    """merge reads parts item by item; a value (a number such as 2.5 or -3e-7 too) may be cut by
+    the end of any read."""
+    import io
+
+    import segcli.data.json_stream as json_stream
+
+    monkeypatch.setattr(json_stream, "_CHUNK", chunk)
+    document = {"info": {}, "images": [{"id": 1, "file_name": "é],\"}.jpg"}, {"id": 22, "n": 123456789}],
+                "numbers": [1, 2.5, -3e-7, None, True, "s"], "z": 10.25}
+    for text in (json.dumps(document), json.dumps(document, indent=2)):
+        stream, found, raws = json_stream.JsonStream(io.StringIO(text)), {}, []
+        for key in stream.members():
+            if key in ("images", "numbers"):
+                items = list(stream.items())
+                found[key], raws = [value for value, _ in items], raws + [raw for _, raw in items]
+            else:
+                found[key] = stream.value()[0]
+        stream.end()
+        assert found == document
+        assert [json.loads(raw) for raw in raws] == document["images"] + document["numbers"]
+    with pytest.raises(json_stream.JsonStreamError, match="expected ',' or ']'"):
+        list(json_stream.JsonStream(io.StringIO("[1 2]")).items())
+
+
 @pytest.mark.parametrize("fmt", list(SUFFIXES))
 def test_three_shards_merged_equal_one_run_byte_for_byte(fmt, sources, checkpoint, one_run, tmp_path):  # noqa: F811
     suffix, one = SUFFIXES[fmt], one_run(fmt)
@@ -90,9 +117,9 @@ def test_three_shards_merged_equal_one_run_byte_for_byte(fmt, sources, checkpoin
     for k in (1, 2, 3):
         parts.append(tmp_path / f"part-{k}{suffix}")
         summaries.append(run_predict(options(sources, parts[-1], checkpoint, format=fmt, shard=f"{k}/3")))
-    # Balanced by input, the video whole in the last shard; the clash and the failure as in one run.
+    # Balanced by input, the video whole in the first shard; the clash and the failure as in one run.
     assert [(s.images, s.frames, len(s.failures)) for s in summaries] == [
-        (2, 0, 0), (1, 0, 1), (2, frames, 0)]
+        (1, frames, 0), (2, 0, 0), (2, 0, 1)]
     merged = tmp_path / f"merged{suffix}"
     # Given in any order (a shell glob sorts part-10 before part-2): the records put them in place.
     summary = merge_parts([parts[2], parts[0], parts[1]], merged)
@@ -102,8 +129,8 @@ def test_three_shards_merged_equal_one_run_byte_for_byte(fmt, sources, checkpoin
         coco = COCO(str(merged))
         assert "b/x.jpg" in {image["file_name"] for image in coco.dataset["images"]}
         assert len(coco.getAnnIds()) == sum(1 for _ in coco.dataset["annotations"]) > 0
-        part = COCO(str(parts[2]))  # a part alone is a plain COCO file of its own images
-        assert [image["id"] for image in part.dataset["images"]] == list(range(1, 3 + frames))
+        part = COCO(str(parts[0]))  # a part alone is a plain COCO file of its own images
+        assert [image["id"] for image in part.dataset["images"]] == list(range(1, 2 + frames))
 
 
 def test_cli_shards_and_merge(sources, checkpoint, one_run, tmp_path):  # noqa: F811
@@ -112,7 +139,7 @@ def test_cli_shards_and_merge(sources, checkpoint, one_run, tmp_path):  # noqa: 
     common = cli_flags(sources, checkpoint)
     for k in (1, 2):
         result = runner.invoke(app, ["predict", *common, "--shard", f"{k}/2", "--out", str(tmp_path / f"part-{k}.json")])
-        assert result.exit_code == (0 if k == 1 else 1), result.output  # broken.jpg is input 4: shard 2
+        assert result.exit_code == (0 if k == 1 else 1), result.output  # broken.jpg is input 5: shard 2
     assert record_path(tmp_path / "part-1.json").is_file()
     given = sorted(str(p) for p in tmp_path.glob("part-*"))  # parts and their .shard records
     result = runner.invoke(app, ["merge", *given, "--out", str(tmp_path / "merged.json")])
@@ -156,6 +183,37 @@ def test_resume_per_shard_after_the_folder_grew(photos, checkpoint, tmp_path):  
     merge_parts(parts, tmp_path / "merged.jsonl")
     run_predict(options([folder], tmp_path / "one.jsonl", checkpoint, vid_stride=1))
     assert (tmp_path / "merged.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+
+
+def test_interrupted_shard_has_no_record_and_resume_finishes_it(photos, checkpoint, tmp_path, monkeypatch):  # noqa: F811
+    from segcli.engine.predict import Predictor
+
+    folder = tmp_path / "photos"
+    make_images(folder, photos, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    parts = [tmp_path / f"part-{k}.json" for k in (1, 2)]
+    run_predict(options([folder], parts[1], checkpoint, shard="2/2", vid_stride=1))
+    assert record_path(parts[1]).is_file()
+    predict, calls = Predictor.predict, []
+
+    def stopped_at_the_second_image(self, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return predict(self, batch)
+
+    monkeypatch.setattr(Predictor, "predict", stopped_at_the_second_image)
+    with pytest.raises(KeyboardInterrupt):  # a rerun of shard 2, stopped halfway (Ctrl-C, SIGTERM)
+        run_predict(options([folder], parts[1], checkpoint, shard="2/2", vid_stride=1))
+    monkeypatch.undo()
+    assert len(json.loads(parts[1].read_text())["images"]) == 1  # a valid file of what was done
+    run_predict(options([folder], parts[0], checkpoint, shard="1/2", vid_stride=1))
+    with pytest.raises(UsageError, match="has no part record"):
+        merge_parts(parts, tmp_path / "merged.json")
+    finished = run_predict(options([folder], parts[1], checkpoint, shard="2/2", vid_stride=1, resume=True))
+    assert (finished.images, finished.reused) == (1, 1)
+    merge_parts(parts, tmp_path / "merged.json")
+    run_predict(options([folder], tmp_path / "one.json", checkpoint, vid_stride=1))
+    assert (tmp_path / "merged.json").read_bytes() == (tmp_path / "one.json").read_bytes()
 
 
 def test_per_image_shards_write_side_by_side_into_one_folder(photos, checkpoint, tmp_path):  # noqa: F811
@@ -203,7 +261,7 @@ def parts(sources, checkpoint, tmp_path_factory) -> dict[str, Path]:  # noqa: F8
     paths = {}
     for name, (k, weights, extra) in made.items():
         paths[name] = root / f"part-{name}.json"
-        run_predict(options(sources[:2], paths[name], weights, shard=f"{k}/2", **extra))
+        run_predict(options(sources[1:], paths[name], weights, shard=f"{k}/2", **extra))
     paths["2-copy"] = root / "copy-of-2.json"  # the same shard under another name
     for source, target in ((paths["2"], paths["2-copy"]), (record_path(paths["2"]), record_path(paths["2-copy"]))):
         target.write_bytes(source.read_bytes())

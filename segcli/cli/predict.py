@@ -10,8 +10,8 @@ from typing import List, Optional
 
 import typer
 
-from segcli.cli.app import EXIT_CODES_HELP, app, run_engine
-from segcli.errors import ExitCode
+from segcli.cli.app import EXIT_CODES_HELP, app, fail, run_engine
+from segcli.errors import ExitCode, UsageError
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -66,6 +66,8 @@ def predict(
     LabelMe, YOLO or PNG; data goes to stdout only, logs and progress to stderr."""
     from segcli.engine.predict import PredictOptions, run_predict
 
+    if ray_actors is not None and not ray and ray_address is None:
+        fail(UsageError("--ray-actors needs --ray (or --ray-address)"))
     options = PredictOptions(
         sources=sources, out=out, weights=weights, arch=arch, device=device, precision=precision,
         batch_size=batch_size, score_thr=score_thr, max_det=max_det, format=format, workers=workers, quiet=quiet,

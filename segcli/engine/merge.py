@@ -66,7 +66,6 @@ def merge_parts(paths: Sequence[str | os.PathLike], out: str | os.PathLike, allo
     if any(os.path.realpath(out) == os.path.realpath(part.path) for part in parts):
         raise UsageError(f"--out '{out}' is one of the parts; give the merged file another name")
     fmt = parts[0].record.format
-    forget_record(out)  # a part record left beside an older `out` would describe another file
     try:
         with atomic_write(out, "wb") as handle:
             {"coco": _merge_coco, "coco-results": _merge_results, "jsonl": _merge_lines,
@@ -76,7 +75,9 @@ def merge_parts(paths: Sequence[str | os.PathLike], out: str | os.PathLike, allo
     first, last = parts[0].record.span, parts[-1].record.span
     span = Span(first.start, last.stop, first.total, first.digest)
     records = sum(part.record.records for part in parts)
-    if not span.whole:
+    if span.whole:
+        forget_record(out)  # a record left beside an older `out` described another file
+    else:
         write_record(out, span, label or span.describe(), fmt, parts[0].record.fingerprint, records)
     return MergeSummary(len(parts), span.stop - span.start, records, fmt, out, time.perf_counter() - started)
 

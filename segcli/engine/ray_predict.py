@@ -84,8 +84,8 @@ class PredictActor:
         settings = self.settings
         inputs = [InputItem(Path(str(path)), str(name)) for path, name in zip(batch["path"], batch["file_name"])]
         outcomes = [InputOutcome() for _ in inputs]
-        decoded = iter_decoded(inputs, workers=settings.workers if len(inputs) > 1 else 0,
-                               prefetch=max(8, 2 * settings.batch_size), vid_stride=settings.vid_stride)
+        decoded = iter_decoded(inputs, workers=settings.workers, prefetch=max(8, 2 * settings.batch_size),
+                               vid_stride=settings.vid_stride)
         try:
             for event in batches(decoded, settings.batch_size):
                 if isinstance(event, list):
@@ -161,7 +161,8 @@ def _dataset(ray, options, items: list, todo: list[int]):
     actors = options.ray_actors or (gpus if on_gpus else max(1, cpus // CPUS_PER_ACTOR))
     batch_size = options.batch_size or (8 if on_gpus else 1)
     settings = ActorSettings(
-        weights=options.weights, arch=options.arch, device=options.device if on_gpus else "cpu",
+        # Ray shows each GPU actor its own GPU only, as device 0: cuda:N would name another.
+        weights=options.weights, arch=options.arch, device="cuda" if on_gpus else "cpu",
         precision=options.precision, score_thr=options.score_thr, max_det=options.max_det,
         classes=tuple(options.classes) if options.classes else None, vid_stride=options.vid_stride,
         batch_size=batch_size, workers=options.workers if options.workers is not None else 1,
