@@ -319,3 +319,19 @@ def test_torchrun_two_cpu_processes_write_what_one_process_writes(sources, check
     ranks = out.parent / f".{out.name}.ranks"
     # The rank parts are gone; their journals stay for --resume.
     assert sorted(p.name for p in ranks.iterdir()) == [".part-1-of-2.json.segcli", ".part-2-of-2.json.segcli"]
+
+
+def test_torchrun_rank_without_a_gpu_of_its_own_is_one_line(sources, checkpoint, tmp_path, monkeypatch):  # noqa: F811
+    """On a 1-GPU machine, --nproc-per-node 2 leaves LOCAL_RANK 1 without a GPU: said before any work."""
+    import torch
+
+    import segcli.engine.torchrun_predict as torchrun_predict
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torchrun_predict, "resolve_device", lambda spec: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UsageError, match=r"rank 1 on a machine with 1 GPU\(s\).*--nproc-per-node at most that"):
+        run_predict(options(sources, tmp_path / "p.json", checkpoint, device="auto"))
+    assert not torch.distributed.is_initialized()

@@ -24,6 +24,7 @@ from typing import TextIO
 
 import torch
 
+from segcli.engine.device import resolve_device
 from segcli.engine.merge import merge_parts
 from segcli.engine.shards import ShardSpec, record_path
 from segcli.engine.train import dist_from_env, init_distributed
@@ -49,6 +50,10 @@ def run_ranks(options, stdin: TextIO | None, stderr: TextIO):
     plan = plan_output(options)
     if plan.out is None:
         raise UsageError("under torchrun, give --out a file or folder: the ranks cannot share stdout")
+    wanted = resolve_device(options.device)
+    if wanted.type == "cuda" and wanted.index is None and dist.local_rank >= torch.cuda.device_count():
+        raise UsageError(f"torchrun started rank {dist.local_rank} on a machine with {torch.cuda.device_count()} "
+                         f"GPU(s): each rank takes its own GPU, so give --nproc-per-node at most that")
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     device = init_distributed(dist, options.device)  # training's choice: cuda:LOCAL_RANK, else the CPU
