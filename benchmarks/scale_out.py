@@ -134,7 +134,8 @@ def main() -> None:
             cpu_per_image = (statistics.median(cpu[config, large]) - statistics.median(cpu[config, small])) / (large - small)
             if base is None:
                 base = (per_image, large / w_large)
-            print(f"{config:>15} {w_small:9.1f} {w_large:9.1f} {fixed:8.1f} {per_image:7.3f} {1 / per_image:6.2f} "
+            steady = f"{1 / per_image:6.2f}" if per_image > 0 else f"{'noise':>6}"  # start-up varied more than work
+            print(f"{config:>15} {w_small:9.1f} {w_large:9.1f} {fixed:8.1f} {per_image:7.3f} {steady} "
                   f"{large / w_large:9.2f} {(large / w_large) / base[1]:5.2f}x {1000 * (per_image - base[0]):16.0f} "
                   + (f"{'n/a':>10}" if config.startswith("ray") else f"{cpu_per_image:10.3f}"))
         parallel = [c for c in configs if not c.startswith("1 proc")]
