@@ -24,13 +24,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
             yield handle
             handle.flush()
             # mkstemp creates 0600 files; outputs get the permissions any new file would (umask).
-            os.fchmod(handle.fileno(), 0o666 & ~_current_umask())
+            os.fchmod(handle.fileno(), new_file_mode())
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def new_file_mode() -> int:
+    """The permissions a file created by `open()` gets here (0o644 under the usual umask 022)."""
+    return 0o666 & ~_current_umask()
 
 
 def _current_umask() -> int:

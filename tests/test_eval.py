@@ -407,7 +407,7 @@ def test_pr_curves_are_pycocotools_precision_averaged_over_classes(tmp_path):
         (["--gt", "{gt}", "--pred", "{no_score}"], "has no numeric score"),
         (["--gt", "{gt}", "--pred", "{pred}", "--report", "{tmp}"], "is a folder"),
         (["--gt", "{gt}", "--pred", "{pred}", "--plots", "{pred}"], "is a file"),
-        (["--gt", "{gt}", "--pred", "{pred}", "--report", "{pred}/r.json", "-q"], "cannot write"),
+        (["--gt", "{gt}", "--pred", "{pred}", "--report", "{pred}/r.json", "-q"], "is a file, not a folder"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(args, words, tmp_path, capsys):

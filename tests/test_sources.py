@@ -130,8 +130,8 @@ def test_missing_sources_are_usage_errors(tmp_path, monkeypatch, spec, message):
 def test_folder_without_images_is_a_usage_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _touch(tmp_path, "empty/readme.md", "empty/.hidden.jpg")
-    with pytest.raises(UsageError, match="^no images or videos found in 'empty'$"):
-        expand_sources(["empty"])
+    with pytest.raises(UsageError, match=r"^no images or videos found in 'empty' \(other files: \.md 1\)$"):
+        expand_sources(["empty"])  # the hidden image is not counted: hidden files are not looked at
 
 
 def test_empty_list_and_stdin_are_usage_errors(tmp_path):

@@ -97,14 +97,16 @@ def test_tolerance_simplifies_big_shapes():
     assert iou(rasterize(simple, 300, 300), mask.astype(bool)) >= 0.98
 
 
-def _record(masks: np.ndarray, scores, categories, tolerance=1.0, file="sub/img.jpg", frame=None) -> dict:
+def _record(masks: np.ndarray, scores, categories, tolerance=1.0, file="sub/img.jpg", frame=None,
+            pixel_centres=False) -> dict:
     boxes = []
     for mask in masks:
         ys, xs = np.nonzero(mask)
         boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
     rles = encode_masks(np.ascontiguousarray(masks.transpose(0, 2, 1)))
     return build_record(file, frame, None if frame is None else frame / 10, masks.shape[2], masks.shape[1],
-                        np.array(boxes, float), np.array(scores), np.array(categories), rles, NAMES, tolerance)
+                        np.array(boxes, float), np.array(scores), np.array(categories), rles, NAMES, tolerance,
+                        pixel_centres=pixel_centres)
 
 
 @pytest.fixture()
@@ -148,18 +150,30 @@ def test_png_writer_refuses_ids_over_255(tmp_path):
         PngWriter(tmp_path, [{"id": 300, "name": "x"}])
 
 
-def test_yolo_writer_normalized_polygons_and_names(tmp_path, two_instances):
-    record = _record(two_instances, [0.9, 0.6], [3, 7])
+def fill_poly(xy: np.ndarray, height: int, width: int) -> np.ndarray:
+    """How YOLO and LabelMe readers rasterize (Ultralytics, supervision: cv2.fillPoly on pixel indices)."""
+    mask = np.zeros((height, width), np.uint8)
+    cv2.fillPoly(mask, [np.round(xy).astype(np.int32)], 1)
+    return mask.astype(bool)
+
+
+def test_yolo_writer_one_line_per_instance_normalized_with_names(tmp_path, two_instances):
+    assert YoloWriter.pixel_centres
+    record = _record(two_instances, [0.9, 0.6], [3, 7], pixel_centres=True)
     writer = YoloWriter(tmp_path, CATEGORIES)
     writer.write(Target(record, "sub/img", Path("x")))
     lines = (tmp_path / "sub/img.txt").read_text().splitlines()
-    assert [line.split()[0] for line in lines] == ["1", "1", "2"]  # fig (index 1) twice: two parts
-    mask = np.zeros((60, 80), bool)
-    for line in lines[:2]:
+    assert [line.split()[0] for line in lines] == ["1", "2"]  # fig (index 1): its two parts in one line
+    filled = []
+    for line in lines:
         xy = np.array(line.split()[1:], float).reshape(-1, 2) * [80, 60]
         assert xy.min() >= 0 and (xy <= [80, 60]).all()
-        mask |= mask_utils.decode(mask_utils.frPyObjects([xy.ravel().tolist()], 60, 80))[:, :, 0].astype(bool)
-    assert iou(mask, two_instances[0]) >= 0.95
+        filled.append(fill_poly(xy, 60, 80))
+    assert (filled[0] >= two_instances[0]).all()  # both parts, whole
+    # and the one-pixel link between their nearest corners, pixels (29, 29) and (60, 40)
+    assert (filled[0] & ~two_instances[0]).sum() <= 60 - 29 + 1
+    assert iou(filled[1], two_instances[1]) >= 0.95
+    assert not filled[1][25:30, 30:35].any()  # the hole, joined like a part: even-odd filling keeps it empty
     data = (tmp_path / "data.yaml").read_text()
     assert 'nc: 3' in data and '0: "date"' in data and '2: "hazel nut"' in data
     writer.write(Target(_record(np.zeros((0, 60, 80), bool), [], []), "empty", Path("x")))
@@ -168,7 +182,7 @@ def test_yolo_writer_normalized_polygons_and_names(tmp_path, two_instances):
 
 def test_labelme_writer(tmp_path, two_instances):
     source = tmp_path / "photos" / "sub" / "img.jpg"
-    record = _record(two_instances, [0.9, 0.6], [3, 7])
+    record = _record(two_instances, [0.9, 0.6], [3, 7], pixel_centres=LabelMeWriter.pixel_centres)
     LabelMeWriter(tmp_path / "out").write(Target(record, "sub/img", source))
     document = json.loads((tmp_path / "out/sub/img.json").read_text())
     assert document["imageWidth"] == 80 and document["imageHeight"] == 60 and document["imageData"] is None
@@ -214,3 +228,41 @@ def test_output_stems_mirror_folders_and_never_clash():
     stems = output_stems(items)
     assert stems == ["a/img", "b/img", "a/img.png", "a/IMG.jpg", "abs/x", "up/y", "clip"]
     assert frame_stem("clip", 42) == "clip/000042" and frame_stem("a/img", None) == "a/img"
+
+
+def test_join_parts_walks_every_ring_once_through_middle_parts():
+    """Three squares in a row (the middle one is entered and left at different corners) and a
+    square with a hole: filled by the even-odd rule, the joined path gives every part back, the
+    hole empty, and beyond them only the one-pixel links."""
+    from segcli.writers.join_parts import join_parts
+
+    mask = np.zeros((40, 120), bool)
+    for left in (5, 45, 85):
+        mask[5:20, left:left + 15] = True
+    mask[25:38, 50:70] = True
+    mask[29:34, 55:65] = False
+    parts = mask_polygons(mask, 0.0, pixel_centres=True)
+    rings = [np.asarray(ring[:-1]) for part in parts for ring in [part.exterior, *part.holes]]
+    assert len(rings) == 5
+    path = join_parts(rings)
+    assert {tuple(p) for r in rings for p in r} <= {tuple(p) for p in path}
+    read = fill_poly(path, 40, 120)
+    assert (read >= mask).all() and not read[30:33, 56:64].any()
+    assert (read & ~mask).sum() <= 4 * 40  # four links, none longer than 40 pixels
+    assert join_parts(rings[:1]) is not None and np.array_equal(join_parts(rings[:1]), rings[0])
+
+
+def test_instances_without_a_polygon_keep_their_box(tmp_path):
+    """A one-pixel-wide mask has no area on the pixel-centre line: too small to be a polygon, but
+    the instance is not lost (one YOLO line, one LabelMe shape per instance)."""
+    masks = np.zeros((1, 30, 40), bool)
+    masks[0, 10, 5:25] = True
+    record = _record(masks, [0.9], [1], pixel_centres=True)
+    assert record["instances"][0]["polygons"] == []
+    YoloWriter(tmp_path, CATEGORIES).write(Target(record, "line", Path("x")))
+    (line,) = (tmp_path / "line.txt").read_text().splitlines()
+    xy = np.array(line.split()[1:], float).reshape(-1, 2) * [40, 30]
+    assert line.split()[0] == "0" and np.array_equal(fill_poly(xy, 30, 40), masks[0])
+    LabelMeWriter(tmp_path).write(Target(record, "line", tmp_path / "x.jpg"))
+    (shape,) = json.loads((tmp_path / "line.json").read_text())["shapes"]
+    assert shape["shape_type"] == "rectangle" and shape["points"] == [[5.0, 10.0], [24.0, 10.0]]

@@ -2,7 +2,11 @@
 
 Exit codes (also in the README and --help):
   0 success · 1 some inputs failed (the rest were processed) · 2 usage error ·
-  3 model or weights error · 130 interrupted (output written so far is valid)
+  3 model or weights error · 130 interrupted (output written so far is valid) ·
+  SIGPIPE (141 in the shell) when the reader of stdout went away
+
+Subcommands are `@app.command(cls=SegcliCommand, ...)` (segcli.cli.command: usage errors as one
+line, values no option can mean refused before the command runs).
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from typing import Callable, TypeVar
 
 import typer
 
+from segcli import __version__
+from segcli.cli.command import SegcliGroup
 from segcli.errors import ExitCode, SegcliError
+from segcli.text import escaped
 
 T = TypeVar("T")
 
@@ -22,6 +29,8 @@ EXIT_CODES_HELP = (
 )
 
 app = typer.Typer(
+    name="segcli",
+    cls=SegcliGroup,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -30,7 +39,9 @@ app = typer.Typer(
 
 
 def fail(error: SegcliError) -> None:
-    print(f"segcli: error: {error}", file=sys.stderr)
+    # Messages quote values with repr() at times, which escapes already: only what is left (a
+    # newline in a path) is escaped here, so that the error stays one line.
+    print(f"segcli: error: {escaped(error, backslashes=False)}", file=sys.stderr)
     raise typer.Exit(int(error.exit_code))
 
 
@@ -46,6 +57,15 @@ def run_engine(call: Callable[[], T], kept_on_interrupt: str) -> T:
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"segcli {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                 help="Print the version of segcli and exit."),
+) -> None:
     """Subcommands: predict, train, eval, export, merge."""

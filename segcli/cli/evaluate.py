@@ -7,10 +7,11 @@ from typing import Optional
 import typer
 
 from segcli.cli.app import EXIT_CODES_HELP, app, run_engine
+from segcli.cli.command import SegcliCommand
 from segcli.errors import ExitCode
 
 
-@app.command("eval", epilog=EXIT_CODES_HELP)
+@app.command("eval", cls=SegcliCommand, epilog=EXIT_CODES_HELP)
 def evaluate(
     gt: str = typer.Option(..., "--gt", help="Ground truth: a COCO dataset file (images, categories, annotations)."),
     pred: Optional[str] = typer.Option(
@@ -31,7 +32,7 @@ def evaluate(
     workers: Optional[int] = typer.Option(
         None, help="Processes for pycocotools' per-image work (default: one per 32 images, up to the CPU count; 1 on <= 2 cores)."
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No warnings or progress on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No warnings or progress on stderr; images --images cannot read are still named."),
 ) -> None:
     """Score predictions against COCO ground truth with pycocotools: metrics and per-class AP on stdout."""
     from segcli.engine.evaluate import EvalOptions, run_eval

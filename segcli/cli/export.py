@@ -8,9 +8,10 @@ from typing import List, Optional, Tuple
 import typer
 
 from segcli.cli.app import EXIT_CODES_HELP, app, run_engine
+from segcli.cli.command import SegcliCommand
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+@app.command(cls=SegcliCommand, epilog=EXIT_CODES_HELP)
 def export(
     weights: str = typer.Option(..., help="Registry name, local checkpoint path, or http(s) URL."),
     format: str = typer.Option(..., "--format", help="torchscript or onnx (needs: pip install \"segcli\\[onnx]\")."),

@@ -8,9 +8,10 @@ from typing import List
 import typer
 
 from segcli.cli.app import EXIT_CODES_HELP, app, run_engine
+from segcli.cli.command import SegcliCommand
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+@app.command(cls=SegcliCommand, epilog=EXIT_CODES_HELP)
 def merge(
     parts: List[str] = typer.Argument(..., metavar="PART...",
                                       help="The parts: files written by segcli predict --shard K/N --out PART."),

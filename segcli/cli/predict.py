@@ -10,11 +10,15 @@ from typing import List, Optional
 
 import typer
 
+from segcli import STARTED
 from segcli.cli.app import EXIT_CODES_HELP, app, fail, run_engine
+from segcli.cli.command import SegcliCommand
+from segcli.data.sources import describe_ignored
 from segcli.errors import ExitCode, UsageError
+from segcli.text import escaped, plural
 
 
-@app.command(epilog=EXIT_CODES_HELP)
+@app.command(cls=SegcliCommand, epilog=EXIT_CODES_HELP)
 def predict(
     sources: List[str] = typer.Argument(
         ..., metavar="SOURCE...",
@@ -51,7 +55,7 @@ def predict(
     workers: Optional[int] = typer.Option(
         None, help="Background decoding threads (default 1 on <= 2 CPU cores, else 2; 0 decodes inline)."
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, warnings or summary on stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, notes or summary on stderr; failed inputs are still named."),
     shard: Optional[str] = typer.Option(
         None, metavar="K/N",
         help="Predict only the K-th of N equal slices of the sorted inputs (1/N..N/N); join the parts with segcli merge.",
@@ -82,18 +86,15 @@ def predict(
     # cron and container stops send SIGTERM: stop like Ctrl-C, so the output written so far is valid.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        # A reader of stdout that goes away (`| head`) ends the run by SIGPIPE (see cli.command).
         summary = run_engine(lambda: run_predict(options, stdin=sys.stdin),
                              "the output written so far is valid (rerun with --resume to finish)")
-    except BrokenPipeError:
-        # The reader of stdout went away (`| head`): stop quietly, as Unix tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(int(ExitCode.SOME_INPUTS_FAILED))
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not quiet:
         print(_summary_line(summary), file=sys.stderr)
         for path, reason in summary.failures:
-            print(f"  {path}: {reason}", file=sys.stderr)
+            print(f"  {escaped(path)}: {escaped(reason)}", file=sys.stderr)
     if summary.failures:
         raise typer.Exit(int(ExitCode.SOME_INPUTS_FAILED))
 
@@ -104,12 +105,18 @@ def _interrupt(signum, frame) -> None:
 
 def _summary_line(summary) -> str:
     rate = (summary.images + summary.frames) / summary.seconds if summary.seconds else 0.0
-    parts = [f"{summary.images} images"]
+    parts = [plural(summary.images, "image")]
     if summary.frames:
-        parts.append(f"{summary.frames} video frames")
-    line = f"segcli: {', '.join(parts)}, {summary.detections} detections in {summary.seconds:.1f} s ({rate:.2f}/s)"
+        parts.append(plural(summary.frames, "video frame"))
+    first = "" if summary.first_result_at is None else f"; first result {summary.first_result_at - STARTED:.1f} s after start"
+    line = (f"segcli: {', '.join(parts)}, {plural(summary.detections, 'detection')} in {summary.seconds:.1f} s "
+            f"({rate:.2f}/s{first})")
     if summary.reused:
-        line += f"; {summary.reused} inputs unchanged since the last run (--resume)"
+        line += f"; {plural(summary.reused, 'input')} unchanged since the last run (--resume)"
+    ignored = sum(summary.ignored.values())
+    if ignored:
+        line += (f"; {plural(ignored, 'file')} of other types in SOURCE folders not read "
+                 f"({describe_ignored(summary.ignored)})")
     if summary.failures:
-        line += f"; {len(summary.failures)} inputs failed:"
+        line += f"; {plural(len(summary.failures), 'input')} failed:"
     return line

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from segcli.cli.app import EXIT_CODES_HELP, app, run_engine
+from segcli.cli.command import SegcliCommand
 from segcli.errors import UsageError
 
 TRAIN_EPILOG = (
@@ -25,35 +26,39 @@ def parse_sizes(text: Optional[str]) -> Optional[list[int]]:
         raise UsageError(f"--min-size {text!r}: give pixel sizes separated by commas, e.g. 480,512,544") from None
 
 
-@app.command(epilog=TRAIN_EPILOG)
+# Help shows the ~27 options in these groups, in this order.
+DATA, MODEL, SCHEDULE, OUTPUT = "Data", "Model", "Schedule", "Output"
+
+
+@app.command(cls=SegcliCommand, epilog=TRAIN_EPILOG)
 def train(
-    coco: str = typer.Option(..., "--coco", help="COCO instance annotations to train on (polygons or RLE)."),
-    images: Optional[str] = typer.Option(None, help="Folder the file_name paths are relative to (default: beside --coco, or its images/)."),
-    val_coco: Optional[str] = typer.Option(None, help="COCO annotations to validate on after every epoch (mask and box AP; picks best.pt)."),
-    val_images: Optional[str] = typer.Option(None, help="Images folder of --val-coco."),
-    weights: Optional[str] = typer.Option(None, help="Initial weights: registry name (coco), checkpoint or URL. Omitted: random initialization."),
-    arch: Optional[str] = typer.Option(None, help="Architecture (default: that of --weights, else maskrcnn_resnet50_fpn_v2)."),
-    epochs: int = typer.Option(12, help="Passes over the training set."),
-    batch_size: int = typer.Option(2, help="Images per iteration, per process."),
-    lr: Optional[float] = typer.Option(None, help="Base learning rate (default: 0.02 x total batch / 16 for SGD, 1e-4 for AdamW)."),
-    optimizer: str = typer.Option("sgd", help="sgd (momentum 0.9) or adamw."),
-    schedule: str = typer.Option("step", help="step (x0.1 at 2/3 and 8/9 of training) or cosine."),
-    warmup_iters: Optional[int] = typer.Option(None, help="Linear warmup iterations (default: min(1000, a tenth of training))."),
-    weight_decay: Optional[float] = typer.Option(None, help="Default 1e-4 (SGD), 0.05 (AdamW)."),
-    clip_grad: Optional[float] = typer.Option(None, help="Clip the gradient norm to this value."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (default: on for CUDA, off on CPUs, where bf16 training is slower)."),
-    min_size: Optional[str] = typer.Option(None, help="Short sides for multi-scale training, comma-separated (default: 80-100% of the architecture's)."),
-    max_size: Optional[int] = typer.Option(None, help="Longest side after resizing (default: the architecture's)."),
-    flip: bool = typer.Option(True, "--flip/--no-flip", help="Random horizontal flips."),
-    freeze_bn: Optional[bool] = typer.Option(None, "--freeze-bn/--train-bn", help="Keep BatchNorm statistics (default: frozen with --weights, trained from scratch)."),
-    rois_per_image: int = typer.Option(512, help="Sampled RoIs per image for the box and mask heads."),
-    workers: Optional[int] = typer.Option(None, help="Data-loading processes (default: min(4, CPU cores - 1))."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's own GPU)."),
-    out: str = typer.Option("runs/train", "--out", "-o", help="Run folder: last.pt, best.pt, metrics.jsonl."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last.pt."),
-    seed: int = typer.Option(0, help="Seed of the initialization, data order and augmentation."),
-    log_every: int = typer.Option(20, help="Iterations between log lines and metrics.jsonl entries."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr."),
+    coco: str = typer.Option(..., "--coco", rich_help_panel=DATA, help="COCO instance annotations to train on (polygons or RLE)."),
+    images: Optional[str] = typer.Option(None, rich_help_panel=DATA, help="Folder the file_name paths are relative to (default: beside --coco, or its images/)."),
+    val_coco: Optional[str] = typer.Option(None, rich_help_panel=DATA, help="COCO annotations to validate on after every epoch (mask and box AP; picks best.pt)."),
+    val_images: Optional[str] = typer.Option(None, rich_help_panel=DATA, help="Images folder of --val-coco."),
+    weights: Optional[str] = typer.Option(None, rich_help_panel=MODEL, help="Initial weights: registry name (coco), checkpoint or URL; none (or omitted): random initialization."),
+    arch: Optional[str] = typer.Option(None, rich_help_panel=MODEL, help="Architecture (default: that of --weights, else maskrcnn_resnet50_fpn_v2)."),
+    epochs: int = typer.Option(12, rich_help_panel=SCHEDULE, help="Passes over the training set."),
+    batch_size: int = typer.Option(2, rich_help_panel=SCHEDULE, help="Images per iteration, per process."),
+    lr: Optional[float] = typer.Option(None, rich_help_panel=SCHEDULE, help="Base learning rate (default: 0.02 x total batch / 16 for SGD, 1e-4 for AdamW)."),
+    optimizer: str = typer.Option("sgd", rich_help_panel=SCHEDULE, help="sgd (momentum 0.9) or adamw."),
+    schedule: str = typer.Option("step", rich_help_panel=SCHEDULE, help="step (x0.1 at 2/3 and 8/9 of training) or cosine."),
+    warmup_iters: Optional[int] = typer.Option(None, rich_help_panel=SCHEDULE, help="Linear warmup iterations (default: min(1000, a tenth of training))."),
+    weight_decay: Optional[float] = typer.Option(None, rich_help_panel=SCHEDULE, help="Default 1e-4 (SGD), 0.05 (AdamW)."),
+    clip_grad: Optional[float] = typer.Option(None, rich_help_panel=SCHEDULE, help="Clip the gradient norm to this value."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", rich_help_panel=SCHEDULE, help="Mixed precision (default: on for CUDA, off on CPUs, where bf16 training is slower)."),
+    min_size: Optional[str] = typer.Option(None, rich_help_panel=DATA, help="Short sides for multi-scale training, comma-separated (default: 80-100% of the architecture's)."),
+    max_size: Optional[int] = typer.Option(None, rich_help_panel=DATA, help="Longest side after resizing (default: the architecture's)."),
+    flip: bool = typer.Option(True, "--flip/--no-flip", rich_help_panel=DATA, help="Random horizontal flips."),
+    freeze_bn: Optional[bool] = typer.Option(None, "--freeze-bn/--train-bn", rich_help_panel=MODEL, help="Keep BatchNorm statistics (default: frozen with --weights, trained from scratch)."),
+    rois_per_image: int = typer.Option(512, rich_help_panel=MODEL, help="Sampled RoIs per image for the box and mask heads."),
+    workers: Optional[int] = typer.Option(None, rich_help_panel=DATA, help="Data-loading processes (default: min(4, CPU cores - 1))."),
+    device: str = typer.Option("auto", rich_help_panel=MODEL, help="auto, cpu, cuda or cuda:N (under torchrun: each rank's own GPU)."),
+    out: str = typer.Option("runs/train", "--out", "-o", rich_help_panel=OUTPUT, help="Run folder: last.pt, best.pt, metrics.jsonl."),
+    resume: bool = typer.Option(False, "--resume", rich_help_panel=OUTPUT, help="Continue the run in --out from its last.pt."),
+    seed: int = typer.Option(0, rich_help_panel=SCHEDULE, help="Seed of the initialization, data order and augmentation."),
+    log_every: int = typer.Option(20, rich_help_panel=OUTPUT, help="Iterations between log lines and metrics.jsonl entries."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", rich_help_panel=OUTPUT, help="No progress or log lines on stderr."),
 ) -> None:
     """Train or fine-tune Mask R-CNN on a COCO dataset; writes last.pt, best.pt and metrics.jsonl."""
     from segcli.engine.train import TrainOptions, run_train

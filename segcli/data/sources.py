@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Iterable, Sequence, TextIO
@@ -51,7 +52,8 @@ class _Found:
     label: str  # folder name used to disambiguate a clashing file_name
 
 
-def expand_sources(specs: Sequence[str], stdin: TextIO | None = None) -> list[InputItem]:
+def expand_sources(specs: Sequence[str], stdin: TextIO | None = None,
+                   ignored: Counter[str] | None = None) -> list[InputItem]:
     """Expand SOURCE arguments, in order, into input items.
 
     - folder: searched recursively (following symlinked folders, each real folder once, so symlink
@@ -69,16 +71,21 @@ def expand_sources(specs: Sequence[str], stdin: TextIO | None = None) -> list[In
     folder, or for single files and list entries the file's own folder); if that is taken too,
     `<label>-2/<file_name>`, `<label>-3/...`. So output file_names are always unique.
 
+    Files in folders whose extension is neither an image's nor a video's (`.gif`, `.heic`,
+    `notes.txt`) are left out; `ignored`, if given, counts them by lower-case extension, so the
+    run can say how many it did not look at.
+
     Raises `UsageError` for a SOURCE that does not exist, a glob matching no files, a folder with no
     images, or a list / stdin naming no paths.
     """
     found: list[_Found] = []
+    ignored = Counter() if ignored is None else ignored
     for spec in specs:
-        found.extend(_expand_one(spec, stdin))
+        found.extend(_expand_one(spec, stdin, ignored))
     return _unique(found)
 
 
-def _expand_one(spec: str, stdin: TextIO | None) -> list[_Found]:
+def _expand_one(spec: str, stdin: TextIO | None, ignored: Counter[str]) -> list[_Found]:
     if spec == "-":
         return _from_lines(stdin if stdin is not None else sys.stdin, Path(), "no paths read from stdin")
     if not spec:  # Path("") would silently mean the current folder
@@ -86,7 +93,7 @@ def _expand_one(spec: str, stdin: TextIO | None) -> list[_Found]:
     path = Path(spec)
     # An existing path wins over glob syntax: a file may really be called "scan[1].png".
     if path.is_dir():
-        return _from_folder(spec)
+        return _from_folder(spec, ignored)
     if path.is_file():
         if path.suffix.lower() == ".txt":
             return _from_list(path)
@@ -96,17 +103,21 @@ def _expand_one(spec: str, stdin: TextIO | None) -> list[_Found]:
     raise UsageError(f"SOURCE '{spec}' does not exist")
 
 
-def _from_folder(spec: str) -> list[_Found]:
+def _from_folder(spec: str, ignored: Counter[str]) -> list[_Found]:
     root = Path(spec)
-    found = [(relative, root / relative) for relative in _walk_images(root)]
+    others: Counter[str] = Counter()
+    found = [(relative, root / relative) for relative in _walk_images(root, others)]
     if not found:
-        raise UsageError(f"no images or videos found in '{spec}'")
+        raise UsageError(f"no images or videos found in '{spec}'"
+                         + (f" (other files: {describe_ignored(others)})" if others else ""))
+    ignored.update(others)
     label = _folder_label(root)
     return [_Found(InputItem(path, relative), label) for relative, path in sorted(found)]
 
 
-def _walk_images(root: Path) -> Iterable[str]:
-    """Posix paths, relative to `root`, of the non-hidden image files below it."""
+def _walk_images(root: Path, ignored: Counter[str]) -> Iterable[str]:
+    """Posix paths, relative to `root`, of the non-hidden image and video files below it; other
+    non-hidden files are counted in `ignored` by extension."""
     visited: set[str] = set()
 
     def on_error(error: OSError) -> None:
@@ -123,10 +134,22 @@ def _walk_images(root: Path) -> Iterable[str]:
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         relative_folder = PurePath(os.path.relpath(folder, root))
         for name in files:
-            if name.startswith(".") or Path(name).suffix.lower() not in _FOLDER_EXTENSIONS:
+            if name.startswith("."):
+                continue
+            if Path(name).suffix.lower() not in _FOLDER_EXTENSIONS:
+                ignored[Path(name).suffix.lower()] += 1
                 continue
             if os.path.isfile(os.path.join(folder, name)):  # skips broken symlinks
                 yield (relative_folder / name).as_posix()
+
+
+def describe_ignored(ignored: Counter[str], shown: int = 5) -> str:
+    """`.gif 3, .heic 1` (the most common extensions first; a file without one is `no extension`)."""
+    common = sorted(ignored.items(), key=lambda entry: (-entry[1], entry[0] == "", entry[0]))[:shown]
+    parts = [f"{extension or 'no extension'} {count}" for extension, count in common]
+    if len(ignored) > shown:
+        parts.append("...")
+    return ", ".join(parts)
 
 
 def _from_glob(spec: str) -> list[_Found]:

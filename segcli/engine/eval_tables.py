@@ -7,6 +7,7 @@ enough never to wrap, so that scripts and diffs see stable lines.
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import TextIO
 
@@ -26,11 +27,17 @@ STAT_SETTINGS = {
 PLAIN_WIDTH = 1000  # never wrap plain output: a wrapped row is two lines a script misreads
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich would exit 1 (the code of failed inputs); segcli ends as Unix tools do (cli.command).
+        raise BrokenPipeError(errno.EPIPE, "the reader of the tables went away")
+
+
 def print_tables(report: dict, instances: dict[str, int], stream: TextIO) -> None:
     """Print the metrics table and the per-class table of a `--report` dict to `stream`."""
-    console = Console(file=stream, highlight=False, no_color="NO_COLOR" in os.environ or None)
+    console = _Console(file=stream, highlight=False, no_color="NO_COLOR" in os.environ or None)
     if not console.is_terminal:
-        console = Console(file=stream, highlight=False, no_color=True, width=PLAIN_WIDTH, color_system=None)
+        console = _Console(file=stream, highlight=False, no_color=True, width=PLAIN_WIDTH, color_system=None)
     fancy = console.is_terminal
     types = [t for t in IOU_TYPES if t in report]
     if not types:

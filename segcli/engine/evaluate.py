@@ -37,6 +37,8 @@ from segcli.engine.eval_inputs import (
 )
 from segcli.engine.parallel_cocoeval import default_workers, run_cocoeval
 from segcli.errors import UsageError
+from segcli.paths_guard import Output, file_inputs, refuse_overwrites
+from segcli.text import escaped, plural
 
 IOU_TYPES = ("segm", "bbox")
 # The names of COCOeval.stats, in its order.
@@ -240,7 +242,7 @@ def run_eval(options: EvalOptions, stdout: TextIO | None = None, stderr: TextIO 
 
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    warn = (lambda message: None) if options.quiet else (lambda message: print(f"warning: {message}", file=stderr))
+    warn = (lambda message: None) if options.quiet else (lambda message: print(f"warning: {escaped(message)}", file=stderr))
     iou_types = parse_iou_types(options.iou_type)
     _check_flags(options)
     with _without_cycle_collection():
@@ -255,8 +257,8 @@ def run_eval(options: EvalOptions, stdout: TextIO | None = None, stderr: TextIO 
         evaluation = evaluate(truth, results, iou_types, quiet=True, workers=options.workers)
     for message in evaluation.warnings:
         warn(message)
-    for path, reason in failed:
-        warn(f"skipped {path}: {reason} (its ground truth counts as missed)")
+    if failed:  # predict said `warning: skipped PATH: REASON` for each, also with --quiet (exit code 1)
+        warn(f"the ground truth of {plural(len(failed), 'unreadable image')} counts as missed")
     if results.missed_images:
         warn(f"{results.missed_images} of {len(truth.coco.imgs)} ground-truth images have no predictions "
              "(their objects count as missed)")
@@ -309,6 +311,25 @@ def _check_flags(options: EvalOptions) -> None:
         raise UsageError("--save-pred needs a file name (stdout carries the tables)")
     if options.plots is not None and Path(options.plots).exists() and not Path(options.plots).is_dir():
         raise UsageError(f"--plots {options.plots}: is a file; give a folder for the PNG files")
+    _refuse_overwrites(options)
+
+
+def _refuse_overwrites(options: EvalOptions) -> None:
+    """No output may replace the ground truth, the predictions, an image or another output."""
+    from segcli.data.sources import expand_sources
+
+    inputs = file_inputs("--gt", [options.gt]) + file_inputs("--pred", [options.pred])
+    inputs += file_inputs("--weights", [options.weights])
+    if options.images is not None:
+        inputs += [("the image", item.path) for item in expand_sources([options.images])]
+    outputs = [Output(flag, Path(value)) for flag, value in (("--report", options.report), ("--save-pred", options.save_pred))
+               if value not in (None, "-")]
+    if options.plots is not None:
+        from segcli.engine.pr_plots import plot_path
+
+        outputs.append(Output("--plots", Path(options.plots), folder=True))
+        outputs += [Output("--plots", plot_path(Path(options.plots), iou_type), given=options.plots) for iou_type in IOU_TYPES]
+    refuse_overwrites(inputs, outputs)
 
 
 def _predict_then_load(options: EvalOptions, gt: COCO, stderr: TextIO) -> tuple[Results, list[tuple[str, str]]]:
@@ -326,8 +347,8 @@ def _predict_then_load(options: EvalOptions, gt: COCO, stderr: TextIO) -> tuple[
             # quiet keeps predict's own summary and warnings off (eval reports them); the bar stays
             # on a terminal, since predicting a folder is the slow part.
             progress=stderr.isatty() and not options.quiet,
-        ))
+        ), stderr=stderr)
         if not options.quiet:
-            print(f"segcli: {summary.images} images, {summary.detections} detections in {summary.seconds:.1f} s",
-                  file=stderr)
+            print(f"segcli: {plural(summary.images, 'image')}, {plural(summary.detections, 'detection')} in "
+                  f"{summary.seconds:.1f} s", file=stderr)
         return load_results(gt, out, where=f"predictions of --images {options.images}"), list(summary.failures)

@@ -30,12 +30,15 @@ from segcli.export.graph import INPUT_NAMES, OUTPUT_NAMES, ExportableMaskRCNN
 from segcli.export.verify import Verification, collate, verify_export
 from segcli.model.build import model_from_checkpoint
 from segcli.model.roi_heads import CUDA_CANDIDATE_CAP, DetectionSettings
+from segcli.paths_guard import Output, file_inputs, refuse_overwrites
 from segcli.weights import resolve_weights
 
 FORMATS = ("torchscript", "onnx")
 SAMPLES_DIR = Path(__file__).resolve().parents[1] / "export" / "samples"
 MAX_SAMPLES = 4  # verification photos taken from --images; each costs two eager + two exported runs
 MIN_IMAGE_SIZE = 32
+# Tracing and verification run a whole fixed-size batch at once: [batch, H, W, 3] images in memory.
+MAX_BATCH, MAX_IMAGE_SIZE = 256, 8192
 
 
 @dataclass
@@ -83,12 +86,22 @@ def check_options(options: ExportOptions) -> None:
             raise UsageError(f"--opset {options.opset}: choose {OPSETS.start} to {OPSETS.stop - 1}")
     if options.batch is not None and options.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {options.batch}")
-    if options.image_size is not None and min(options.image_size) < MIN_IMAGE_SIZE:
-        raise UsageError(f"--image-size {options.image_size[0]} {options.image_size[1]}: both sides must be at least {MIN_IMAGE_SIZE}")
+    if options.batch is not None and options.batch > MAX_BATCH:
+        raise UsageError(f"--batch must be at most {MAX_BATCH}, got {options.batch}")
+    if options.image_size is not None:
+        size = f"--image-size {options.image_size[0]} {options.image_size[1]}"
+        if min(options.image_size) < MIN_IMAGE_SIZE:
+            raise UsageError(f"{size}: both sides must be at least {MIN_IMAGE_SIZE}")
+        if max(options.image_size) > MAX_IMAGE_SIZE:
+            raise UsageError(f"{size}: both sides must be at most {MAX_IMAGE_SIZE}")
     if not 0.0 <= options.score_thr < 1.0:
         raise UsageError(f"--score-thr must be in [0, 1), got {options.score_thr}")
     if options.max_det < 1:
         raise UsageError(f"--max-det must be at least 1, got {options.max_det}")
+    inputs = file_inputs("--weights", [options.weights])
+    if options.images:
+        inputs += [("--images", item.path) for item in expand_sources(options.images)]
+    refuse_overwrites(inputs, [Output("--out", out)])
     if options.format == "onnx":
         from segcli.export.onnx import require
 

@@ -100,11 +100,15 @@ def write_pr_plots(evals: dict[str, COCOeval], folder: Path) -> list[Path]:
         image = draw_pr_plot(pr_curves(evaluator), f"precision-recall, {iou_type} (all areas, 100 detections)")
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        path = folder / f"pr_{iou_type}.png"
+        path = plot_path(folder, iou_type)
         with atomic_write(path, "wb") as handle:
             handle.write(buffer.getvalue())
         paths.append(path)
     return paths
+
+
+def plot_path(folder: Path, iou_type: str) -> Path:
+    return folder / f"pr_{iou_type}.png"
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

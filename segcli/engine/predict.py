@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Iterable, Iterator, Sequence, TextIO
@@ -28,6 +29,7 @@ import torch
 from segcli import __version__
 from segcli.atomic import atomic_write
 from segcli.data.decode import Decoded, InputDone, iter_decoded
+from segcli.data.georef import GeoReader
 from segcli.data.sources import InputItem, expand_sources
 from segcli.engine.device import prepare_for_inference, resolve_device, resolve_precision
 from segcli.engine.progress import Progress
@@ -37,9 +39,11 @@ from segcli.model.build import model_from_checkpoint
 from segcli.model.maskrcnn import Detections, MaskRCNN
 from segcli.model.roi_heads import CUDA_CANDIDATE_CAP, DetectionSettings
 from segcli.ops.rle import encode_masks
+from segcli.paths_guard import Output, file_inputs, first_missing, refuse_overwrites
+from segcli.text import escaped
 from segcli.weights import Checkpoint, resolve_weights
 from segcli.writers.coco import CocoWriter
-from segcli.writers.geojson import GeoJsonWriter
+from segcli.writers.geojson import write_geojson
 from segcli.writers.journal import Journal, Signature, state_dir_for
 from segcli.writers.jsonl import JsonlWriter, record_line
 from segcli.writers.overlay import OverlayWriter
@@ -52,6 +56,7 @@ PER_IMAGE_FORMATS = ("labelme", "yolo", "png")
 FORMATS = ONE_FILE_FORMATS + PER_IMAGE_FORMATS
 MASK_ENCODINGS = ("rle", "polygon")
 _SUFFIX_FORMATS = {".json": "coco", ".jsonl": "jsonl", ".ndjson": "jsonl", ".geojson": "geojson"}
+MAX_BATCH = 1024  # images per forward pass; twice as many are decoded ahead and held in memory
 
 
 @dataclass
@@ -105,6 +110,8 @@ class PredictSummary:
     seconds: float = 0.0
     reused: int = 0  # inputs already done by an earlier run (--resume)
     notes: list[tuple[str, str]] = field(default_factory=list)  # warnings that are not failures
+    ignored: Counter[str] = field(default_factory=Counter)  # files in SOURCE folders of other types, by extension
+    first_result_at: float | None = None  # time.perf_counter() when the first image or frame was done
 
 
 class Predictor:
@@ -137,6 +144,7 @@ class Predictor:
             model.configure(score_thr, max_det, [cid in known for cid in checkpoint.label_to_category_id])
             return cls(model, checkpoint, torch.device("cpu"))
         torch_device = resolve_device(device)
+        precision = resolve_precision(precision, torch_device)  # a bad flag stops before weights are fetched
         checkpoint = resolve_weights(weights, arch, progress=progress)
         # torchvision scores candidates above 0.05; a higher user threshold is applied before NMS,
         # which keeps exactly the detections torchvision would keep above it (see roi_heads).
@@ -147,7 +155,7 @@ class Predictor:
         known = {c["id"] for c in checkpoint.categories} if wanted is None else wanted
         # Restricting labels before NMS and --max-det makes --classes keep the best N of those classes.
         model.roi_heads.restrict_labels([cid in known for cid in checkpoint.label_to_category_id])
-        model = prepare_for_inference(model, torch_device, resolve_precision(precision, torch_device))
+        model = prepare_for_inference(model, torch_device, precision)
         return cls(model, checkpoint, torch_device, wanted)
 
     def predict(self, decoded: list[Decoded]) -> list[ImagePrediction]:
@@ -298,20 +306,28 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
     stderr = stderr or sys.stderr
     if options.batch_size is not None and options.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.batch_size is not None and options.batch_size > MAX_BATCH:
+        raise UsageError(f"--batch-size must be at most {MAX_BATCH}, got {options.batch_size}")
+    if options.workers is not None and options.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {options.workers}")
     if options.rank is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from segcli.engine.torchrun_predict import run_ranks  # each rank runs this with its own slice
 
         return run_ranks(options, stdin, stderr)
     plan = plan_output(options)
-    items = expand_sources(options.sources, stdin=stdin)
+    ignored: Counter[str] = Counter()
+    items = expand_sources(options.sources, stdin=stdin, ignored=ignored)
     stems = output_stems(items)
-    _refuse_overwriting_inputs(items, stems, options.overlay)
+    _refuse_overwrites(options, plan, items, stems)
     keys = [json.dumps([os.path.realpath(item.path), item.file_name, stem], ensure_ascii=False)
             for item, stem in zip(items, stems)]
     # Names are given over the whole list first, so that every shard names its inputs as one run would.
     shard = ShardRun.of(options, plan, [item.file_name for item in items], stems)
     if shard is not None:
         plan, items, stems, keys = shard.plan, shard.span.take(items), shard.span.take(stems), shard.span.take(keys)
+    created = first_missing(plan.state_dir) if plan.state_dir is not None else None
+    if shard is not None and created is not None:
+        created = plan.state_dir  # shards share the folders above it: another may be writing there
     show_progress = (stderr.isatty() and not options.quiet) if options.progress is None else options.progress
     with contextlib.ExitStack() as stack:
         journal = _open_journal(plan, options, stack)  # takes the lock: a second run stops here, at once
@@ -320,17 +336,26 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
         if journal is not None and options.resume:
             journal.keep_only(dict(zip(keys, (item.path for item in items))))
         todo = [i for i in range(len(items)) if journal is None or not journal.is_done(keys[i])]
-        if options.ray is not None:
-            from segcli.engine.ray_predict import run_on_ray
+        try:
+            if options.ray is not None:
+                from segcli.engine.ray_predict import driver_model, run_on_ray
 
-            summary = run_on_ray(options, plan, items, stems, keys, todo, journal, stderr, show_progress)
+                predictor = driver_model(options, show_progress)  # Ray importable, the model loads here
+            else:
+                predictor = Predictor.load(options.weights, options.arch, options.device, options.precision,
+                                           options.score_thr, options.max_det, progress=show_progress,
+                                           classes=options.classes)
+        except BaseException:
+            if created is not None:  # a run that never started leaves no empty state folder behind
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+        if options.ray is not None:
+            summary = run_on_ray(options, plan, predictor, items, stems, keys, todo, journal, stderr, show_progress)
         else:
-            predictor = Predictor.load(options.weights, options.arch, options.device, options.precision,
-                                       options.score_thr, options.max_det, progress=show_progress,
-                                       classes=options.classes)
             run = _Run(options, plan, predictor, items, stems, keys, todo, journal, stderr, show_progress)
             summary = run.go()
         summary.reused = len(items) - len(todo)
+        summary.ignored = ignored
         if shard is not None:
             shard.finish(journal, keys, fingerprint(options, plan))
         return summary
@@ -402,6 +427,8 @@ class _Run:
             self.per_image = {"labelme": lambda: LabelMeWriter(plan.out), "yolo": lambda: YoloWriter(plan.out, categories),
                               "png": lambda: PngWriter(plan.out, categories)}[plan.format]()
         self.overlay = OverlayWriter(Path(options.overlay)) if options.overlay else None
+        # GeoJSON of georeferenced TIFFs is written in their own CRS (segcli.writers.geojson).
+        self.georef = GeoReader(self.warn) if plan.format == "geojson" else None
         self.stdout_lines = JsonlWriter(sys.stdout.buffer) if plan.out is None and plan.format == "jsonl" else None
         self.signatures = {i: Signature.of(items[i].path) for i in todo}
         self.files: dict[int, list[str]] = {}  # per-image outputs of the video in progress
@@ -414,9 +441,11 @@ class _Run:
             "max_det": options.max_det,
         }
 
-    def warn(self, message: str) -> None:
-        if not self.options.quiet:
-            print(f"warning: {message}", file=self.stderr)
+    def warn(self, message: str, always: bool = False) -> None:
+        """One `warning:` line (odd characters of file names escaped); `always`: also with --quiet,
+        for failed inputs, since the exit code (1) then says that something is wrong."""
+        if always or not self.options.quiet:
+            print(f"warning: {escaped(message)}", file=self.stderr)
 
     def go(self) -> PredictSummary:
         started = time.perf_counter()
@@ -443,6 +472,10 @@ class _Run:
                     self.overlay.abort()
                 self._assemble()
                 raise
+            except BrokenPipeError:  # the reader of stdout left (`| head`): no half-written overlay videos
+                if self.overlay is not None:
+                    self.overlay.abort()
+                raise
             finally:
                 decoded.close()
         self._assemble()
@@ -452,9 +485,12 @@ class _Run:
     def _result(self, index: int, decoded: Decoded, result: ImagePrediction) -> int:
         """Handle one image or frame result; returns 1 when that completed an input."""
         item, stem = self.items[index], self.stems[index]
+        geo = self.georef.read(item.path, result.width, result.height) if self.georef and result.frame is None else None
         record = build_record(item.file_name, result.frame, result.timestamp, result.width, result.height,
                               result.boxes, result.scores, result.category_ids, result.rles, self.category_names,
-                              self.options.poly_tolerance if self.plan.polygons else None)
+                              self.options.poly_tolerance if self.plan.polygons else None,
+                              pixel_centres=self.per_image is not None and self.per_image.pixel_centres,
+                              geo=geo.as_record() if geo else None)
         files = self.files.setdefault(index, [])
         if self.per_image is not None:
             files += _absolute(self.plan.out, self.per_image.write(Target(record, frame_stem(stem, result.frame), item.path)))
@@ -468,6 +504,8 @@ class _Run:
         if self.journal is not None and not self.plan.per_image:
             self.journal.add_records(self.keys[index], [record])
         self.summary.detections += len(record["instances"])
+        if self.summary.first_result_at is None:
+            self.summary.first_result_at = time.perf_counter()
         if result.frame is not None:
             self.summary.frames += 1
             return 0
@@ -493,7 +531,7 @@ class _Run:
     def _failed(self, index: int, reason: str) -> int:
         path = str(self.items[index].path)
         self.summary.failures.append((path, reason))
-        self.warn(f"skipped {path}: {reason}")
+        self.warn(f"skipped {path}: {reason}", always=True)
         self.files.pop(index, None)
         if self.journal is not None:
             self.journal.forget_pending(self.keys[index])
@@ -504,7 +542,10 @@ class _Run:
         plan = self.plan
         if plan.per_image or self.journal is None:
             return
-        records = (record for key in self.keys if self.journal.is_done(key) for record in self.journal.records(key))
+        def done_records():
+            return (record for key in self.keys if self.journal.is_done(key) for record in self.journal.records(key))
+
+        records = done_records()
         if plan.format in ("coco", "coco-results"):
             target = plan.out if plan.out is not None else Path(self.journal.dir) / "out.json"
             writer = CocoWriter(target, self.predictor.checkpoint.categories,
@@ -520,10 +561,7 @@ class _Run:
                 for record in records:
                     handle.write(record_line(record))
             else:
-                geojson = GeoJsonWriter(handle, self.info)
-                for record in records:
-                    geojson.add_record(record)
-                geojson.finish()
+                write_geojson(handle, done_records, self.info, self.warn)
 
 
 def _absolute(root: Path, relative: list[str]) -> list[str]:
@@ -531,17 +569,26 @@ def _absolute(root: Path, relative: list[str]) -> list[str]:
     return [os.path.abspath(root / name) for name in relative]
 
 
-def _refuse_overwriting_inputs(items: list[InputItem], stems: list[str], overlay: str | None) -> None:
-    """An overlay of `photos/a.jpg` is `DIR/a.jpg`: with DIR = photos it would replace the photo."""
-    if overlay is None:
-        return
-    root = Path(overlay)
-    for item, stem in zip(items, stems):
-        suffixes = (".mp4", ".avi") if item.is_video else (".jpg",)
-        for suffix in suffixes:
-            if os.path.realpath(root / (stem + suffix)) == os.path.realpath(item.path):
-                raise UsageError(f"--overlay {overlay!r} would overwrite the input '{item.path}'; "
-                                 f"choose a folder apart from the inputs")
+def _refuse_overwrites(options: PredictOptions, plan: OutputPlan, items: list[InputItem], stems: list[str]) -> None:
+    """Stop before any work if an output would replace an input (`--out a.jpg`, an overlay of
+    `photos/a.jpg` into `photos/`, a per-image file named like an input) or another output."""
+    inputs = [("the input", item.path) for item in items]
+    inputs += file_inputs("the SOURCE", options.sources) + file_inputs("--weights", [options.weights])
+    outputs, files = [], []
+    if plan.out is not None:
+        outputs.append(Output("--out", plan.out, folder=plan.per_image))
+    if plan.per_image:
+        suffixes = {"labelme": (LabelMeWriter.suffix,), "yolo": (YoloWriter.suffix,), "png": PngWriter.suffixes}[plan.format]
+        files = [Output("--out", plan.out / (stem + suffix), given=options.out)
+                 for item, stem in zip(items, stems) if not item.is_video for suffix in suffixes]
+        if plan.format == "yolo":
+            files.append(Output("--out", plan.out / "data.yaml", given=options.out))
+    if options.overlay is not None:
+        root = Path(options.overlay)
+        outputs.append(Output("--overlay", root, folder=True))
+        files += [Output("--overlay", root / (stem + suffix), given=options.overlay) for item, stem in zip(items, stems)
+                  for suffix in ((".mp4", ".avi") if item.is_video else (".jpg",))]
+    refuse_overwrites(inputs, outputs, files)
 
 
 @contextlib.contextmanager

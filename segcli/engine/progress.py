@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-from rich.progress import Progress as RichProgress
-
 
 class Progress:
     def __init__(self, total: int, enabled: bool, stream: TextIO, label: str = "predict", completed: int = 0) -> None:
         self._bar = None
-        if enabled:
+        if enabled:  # rich is imported only here: cron runs and pipes do not pay for it at start-up
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
             console = Console(file=stream)  # rich honours NO_COLOR and TERM=dumb itself
             self._bar = RichProgress(
                 TextColumn(label),

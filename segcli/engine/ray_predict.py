@@ -100,22 +100,30 @@ class PredictActor:
         return {"index": batch["index"], "outcome": np.array([pickle.dumps(o) for o in outcomes], dtype=object)}
 
 
-def run_on_ray(options, plan, items: list, stems: list[str], keys: list[str], todo: list[int], journal,
-               stderr: TextIO, show_progress: bool):
-    """Predict `todo` (positions in `items`) on Ray; returns the PredictSummary of this run."""
-    from segcli.data.decode import InputDone
-    from segcli.engine.predict import Predictor, _Run
-    from segcli.engine.progress import Progress
+def driver_model(options, show_progress: bool):
+    """Check what can be checked before a cluster starts (Ray installed, the flags), and load the
+    model in this process: weight and --classes mistakes are one line, and the writers need its
+    categories. Returns a Predictor (on the CPU; the actors load their own)."""
+    from segcli.engine.predict import Predictor
 
-    ray = require_ray()
+    require_ray()
     if options.overlay is not None:
         raise UsageError("--overlay does not work with --ray: the frames stay on the actors")
     if options.ray_actors is not None and options.ray_actors < 1:
         raise UsageError(f"--ray-actors must be at least 1, got {options.ray_actors}")
-    # Load the model here first: a weights or --classes mistake is one line before any cluster starts,
-    # and the writers need its categories.
-    model_here = Predictor.load(options.weights, options.arch, "cpu", "fp32", options.score_thr, options.max_det,
-                                progress=show_progress, classes=options.classes)
+    return Predictor.load(options.weights, options.arch, "cpu", "fp32", options.score_thr, options.max_det,
+                          progress=show_progress, classes=options.classes)
+
+
+def run_on_ray(options, plan, model_here, items: list, stems: list[str], keys: list[str], todo: list[int], journal,
+               stderr: TextIO, show_progress: bool):
+    """Predict `todo` (positions in `items`) on Ray; `model_here` is `driver_model`'s. Returns the
+    PredictSummary of this run."""
+    from segcli.data.decode import InputDone
+    from segcli.engine.predict import _Run
+    from segcli.engine.progress import Progress
+
+    ray = require_ray()
     started = time.perf_counter()
     joined = not ray.is_initialized()
     if joined:

@@ -40,7 +40,7 @@ def rank_parts_dir(out: Path) -> Path:
 
 def run_ranks(options, stdin: TextIO | None, stderr: TextIO):
     """This rank's share of `options` (a PredictOptions); on rank 0 the summary of all ranks."""
-    from segcli.engine.predict import PredictSummary, plan_output, run_predict
+    from segcli.engine.predict import plan_output, run_predict
 
     dist = dist_from_env()
     if options.ray is not None:
@@ -75,12 +75,14 @@ def run_ranks(options, stdin: TextIO | None, stderr: TextIO):
                     os.unlink(path)
     # No rank leaves before the merge is written: torchrun stops every rank when one exits non-zero.
     torch.distributed.barrier()
-    return _combined(summaries, PredictSummary) if dist.is_main else summary
+    return _combined(summaries) if dist.is_main else summary
 
 
-def _combined(summaries: list, summary_type):
-    total = summary_type()
-    for summary in summaries:
+def _combined(summaries: list):
+    """Rank 0's summary (its own start-up timing; the files it ignored, which every rank ignored
+    alike) with every rank's counts and failures, and the slowest rank's time."""
+    total = replace(summaries[0], failures=list(summaries[0].failures), notes=list(summaries[0].notes))
+    for summary in summaries[1:]:
         total.images += summary.images
         total.frames += summary.frames
         total.detections += summary.detections

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -34,6 +34,8 @@ from segcli.model.build import build_model
 from segcli.model.maskrcnn import MaskRCNN
 from segcli.model.preprocess import ResizePolicy
 from segcli.model.training import TrainingModel, TrainSettings
+from segcli.paths_guard import Output, file_inputs, refuse_overwrites
+from segcli.text import escaped
 from segcli.weights import resolve_weights, save_checkpoint
 
 DEFAULT_ARCH = "maskrcnn_resnet50_fpn_v2"
@@ -44,6 +46,8 @@ CLASS_SPECIFIC_PREFIXES = (
     "roi_heads.mask_predictor.mask_fcn_logits.",
 )
 CHECKPOINT_LAST, CHECKPOINT_BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
+MIN_SIDE, MAX_SIDE = 32, 8192  # training image sizes (pixels): larger ones would not fit in memory
+MAX_WORKERS = 64  # data-loading processes: more only cost memory (each starts at once)
 
 
 class TrainingDiverged(SegcliError):
@@ -56,7 +60,7 @@ class TrainOptions:
     images: str | None = None
     val_coco: str | None = None
     val_images: str | None = None
-    weights: str | None = None  # initial weights (registry name, file, URL); None: from scratch
+    weights: str | None = None  # initial weights (registry name, file, URL); None or "none": from scratch
     arch: str | None = None
     epochs: int = 12
     batch_size: int = 2  # per process
@@ -141,10 +145,22 @@ def check_options(o: TrainOptions) -> None:
         raise UsageError(f"--lr must be positive, got {o.lr}")
     if o.arch is not None and o.arch not in ARCHS:
         raise UsageError(f"unknown --arch {o.arch!r}; choose one of {', '.join(ARCHS)}")
-    if o.min_sizes is not None and (not o.min_sizes or min(o.min_sizes) < 32):
-        raise UsageError("--min-size values must be at least 32 pixels")
+    if o.min_sizes is not None and (not o.min_sizes or min(o.min_sizes) < MIN_SIDE or max(o.min_sizes) > MAX_SIDE):
+        raise UsageError(f"--min-size values must be {MIN_SIDE} to {MAX_SIDE} pixels")
     if (o.val_images is not None) and o.val_coco is None:
         raise UsageError("--val-images needs --val-coco")
+    for flag, value, low, high in (
+        ("--max-size", o.max_size, MIN_SIDE, MAX_SIDE), ("--warmup-iters", o.warmup_iters, 0, None),
+        ("--rois-per-image", o.rois_per_image, 1, None), ("--workers", o.workers, 0, MAX_WORKERS),
+        ("--seed", o.seed, 0, 2**32 - 1), ("--log-every", o.log_every, 1, None),
+    ):
+        if value is not None and not (low <= value and (high is None or value <= high)):
+            bounds = f"{low} to {high}" if high is not None else f"at least {low}"
+            raise UsageError(f"{flag} must be {bounds}, got {value}")
+    if o.weight_decay is not None and not o.weight_decay >= 0:
+        raise UsageError(f"--weight-decay must be 0 or more, got {o.weight_decay}")
+    if o.clip_grad is not None and not o.clip_grad > 0:
+        raise UsageError(f"--clip-grad must be positive, got {o.clip_grad}")
 
 
 def same_categories(a: list[dict], b: list[dict]) -> bool:
@@ -234,12 +250,25 @@ def amp_precision(options: TrainOptions, device: torch.device) -> str:
     return "bf16"
 
 
+def refuse_overwrites_of_inputs(o: TrainOptions) -> None:
+    """The run folder and the files in it may not be (or replace) an annotation file or the weights."""
+    inputs = file_inputs("--coco", [o.coco]) + file_inputs("--val-coco", [o.val_coco]) + file_inputs("--weights", [o.weights])
+    out = Path(o.out)
+    files = [Output("--out", out / name, given=o.out) for name in (CHECKPOINT_LAST, CHECKPOINT_BEST, METRICS)]
+    refuse_overwrites(inputs, [Output("--out", out, folder=True)], files)
+
+
 def run_train(options: TrainOptions, stderr: TextIO | None = None) -> TrainSummary:
     stderr = stderr or sys.stderr
+    if options.weights is not None and options.weights.strip().lower() == "none":
+        options = replace(options, weights=None)  # `--weights none`: random initialization, said explicitly
     check_options(options)
+    refuse_overwrites_of_inputs(options)
     dist = dist_from_env()
     device = init_distributed(dist, options.device)
-    say = (lambda text: print(f"segcli: {text}", file=stderr, flush=True)) if dist.is_main and not options.quiet else (lambda text: None)
+    # escaped: a file_name from the annotations with a newline in it must not split a line.
+    say = (lambda text: print(f"segcli: {escaped(text, backslashes=False)}", file=stderr, flush=True)) \
+        if dist.is_main and not options.quiet else (lambda text: None)
     out = Path(options.out)
     last_path = out / CHECKPOINT_LAST
     if last_path.exists() and not options.resume:

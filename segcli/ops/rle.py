@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from pycocotools import mask as mask_utils
+
+# pycocotools is imported where it is used: a run that fails before its first result, or
+# `segcli --help`, does not wait for it.
 
 
 def encode_masks(masks: np.ndarray) -> list[dict]:
@@ -23,6 +25,8 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
         raise ValueError(f"masks must be [N, W, H], got shape {masks.shape}")
     if masks.shape[0] == 0:
         return []
+    from pycocotools import mask as mask_utils
+
     masks = _as_binary_uint8(masks)
     stack = masks.transpose(2, 1, 0)  # [H, W, N], Fortran order when `masks` is C order
     if not stack.flags.f_contiguous:
@@ -33,6 +37,8 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
 
 def rle_area(rles: Sequence[dict]) -> np.ndarray:
     """Foreground pixel count of each RLE (pycocotools `mask.area`), as a uint32 array of len(rles)."""
+    from pycocotools import mask as mask_utils
+
     if len(rles) == 0:
         return np.zeros(0, np.uint32)
     return np.asarray(mask_utils.area(list(rles)), dtype=np.uint32).reshape(len(rles))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segcli.atomic import atomic_write
+from segcli.atomic import atomic_write, new_file_mode
 
 _ALPHA = 0.45
 
@@ -128,6 +128,7 @@ class OverlayWriter:
             return []
         writer, temporary, relative, _ = entry
         writer.release()
+        os.chmod(temporary, new_file_mode())  # mkstemp made it 0600; outputs follow the umask
         os.replace(temporary, self.out / relative)
         return [relative]
 

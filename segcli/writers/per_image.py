@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from segcli.atomic import atomic_write
+from segcli.writers.join_parts import join_parts
 from segcli.writers.records import flat_exteriors
 
 
@@ -30,9 +31,12 @@ class Target:
 
 class LabelMeWriter:
     """One LabelMe JSON per image: a polygon shape per mask part; parts of one instance share a
-    `group_id` (the instance's rank, best score first); the score is in the shape's description."""
+    `group_id` (the instance's rank, best score first); the score is in the shape's description.
+    Vertices are pixel centres (LabelMe fills polygons with Pillow; segcli.writers.polygons). An
+    instance whose mask has no part big enough for a polygon is a `rectangle` shape of its box."""
 
     suffix = ".json"
+    pixel_centres = True  # records must carry centre-line polygons
 
     def __init__(self, out: Path) -> None:
         self.out = out
@@ -42,13 +46,15 @@ class LabelMeWriter:
         path = self.out / relative
         shapes = []
         for group, instance in enumerate(target.record["instances"]):
-            for ring in flat_exteriors(instance):
+            rings = flat_exteriors(instance)
+            outlines = [("polygon", np.reshape(ring, (-1, 2))) for ring in rings] or [("rectangle", _box_corners(instance)[::2])]
+            for shape_type, points in outlines:
                 shapes.append({
                     "label": instance["category_name"],
-                    "points": [[ring[i], ring[i + 1]] for i in range(0, len(ring), 2)],
+                    "points": points.tolist(),
                     "group_id": group,
                     "description": f"score={instance['score']}",
-                    "shape_type": "polygon",
+                    "shape_type": shape_type,
                     "flags": {},
                     "mask": None,
                 })
@@ -68,12 +74,17 @@ class LabelMeWriter:
 
 
 class YoloWriter:
-    """YOLO-seg: `<stem>.txt` with one line per mask part, `class x1 y1 x2 y2 ...` normalized to
+    """YOLO-seg: `<stem>.txt` with one line per instance, `class x1 y1 x2 y2 ...` normalized to
     0..1; class = position of the category in `data.yaml`'s names. An image without detections
-    gets an empty file (a YOLO background image). YOLO lines cannot tie parts together or hold
-    holes: an instance with two parts becomes two objects of its class."""
+    gets an empty file (a YOLO background image). Vertices are pixel centres, as Ultralytics
+    writes its own predictions and as its and supervision's readers fill polygons back
+    (segcli.writers.polygons). The parts of an instance, and their holes, are joined into its one
+    polygon the way Ultralytics' COCO-to-YOLO converter joins parts (segcli.writers.join_parts):
+    those readers fill it back with the holes. Parts too small to be a polygon are left out; an
+    instance with no part big enough is written as its box."""
 
     suffix = ".txt"
+    pixel_centres = True  # records must carry centre-line polygons
 
     def __init__(self, out: Path, categories: list[dict]) -> None:
         self.out = out
@@ -87,9 +98,10 @@ class YoloWriter:
         width, height = target.record["width"], target.record["height"]
         lines = []
         for instance in target.record["instances"]:
-            for ring in flat_exteriors(instance):
-                coords = [min(max(v / (width if i % 2 == 0 else height), 0.0), 1.0) for i, v in enumerate(ring)]
-                lines.append(f"{self.index[instance['category_id']]} " + " ".join(f"{v:.6f}" for v in coords))
+            rings = [np.asarray(ring[:-1]) for polygon in instance.get("polygons", []) for ring in polygon]
+            points = join_parts(rings) if rings else _box_corners(instance)
+            coords = np.clip(points / [width, height], 0.0, 1.0).ravel()
+            lines.append(f"{self.index[instance['category_id']]} " + " ".join(f"{v:.6f}" for v in coords))
         with atomic_write(self.out / relative) as handle:
             handle.write("".join(line + "\n" for line in lines))
         return [relative]
@@ -99,6 +111,9 @@ class PngWriter:
     """`<stem>.instances.png` (16-bit: 0 background, k for the k-th instance by score) and
     `<stem>.classes.png` (8-bit: 0 background, else the category id). Where masks overlap, the
     higher-scoring instance owns the pixel."""
+
+    suffixes = (".instances.png", ".classes.png")
+    pixel_centres = False  # paints the RLE masks; polygons unused
 
     def __init__(self, out: Path, categories: list[dict]) -> None:
         self.out = out
@@ -122,7 +137,7 @@ class PngWriter:
             instances[mask] = rank
             classes[mask] = instance["category_id"]
         written = []
-        for name, array in ((".instances.png", instances), (".classes.png", classes)):
+        for name, array in zip(self.suffixes, (instances, classes)):
             relative = target.stem + name
             ok, data = cv2.imencode(".png", array)
             if not ok:
@@ -131,6 +146,15 @@ class PngWriter:
                 handle.write(data.tobytes())
             written.append(relative)
         return written
+
+
+def _box_corners(instance: dict) -> np.ndarray:
+    """The four corners `[4, 2]` of the instance's box in pixel-centre coordinates, clockwise from
+    the top left: the first and last pixel rows and columns the box covers."""
+    x, y, w, h = instance["bbox"]
+    left, top = round(x), round(y)
+    right, bottom = max(left, round(x + w) - 1), max(top, round(y + h) - 1)
+    return np.array([[left, top], [right, top], [right, bottom], [left, bottom]], dtype=np.float64)
 
 
 def _relative_to(path: Path, folder: Path) -> str:

@@ -8,6 +8,14 @@ re-rasterized polygons match the mask. Each ring is simplified before growing (D
 the centre line, topology preserved, so the result stays valid) with `tolerance` pixels, capped at
 2% of the part's size: a fixed tolerance would eat a tenth of a 15-pixel object, and with the cap
 re-rasterized polygons keep an IoU of at least 0.95 with their masks (tested on real COCO masks).
+
+That is the outline pycocotools rasterizes back (COCO, GeoJSON). YOLO and LabelMe readers rasterize
+the other way: Ultralytics, supervision and LabelMe fill polygons with `cv2.fillPoly` or Pillow,
+which take a vertex (x, y) as the centre of pixel column x, row y and paint every pixel the
+outline touches, so a pixel-edge outline comes back a pixel wider and taller. For them
+`pixel_centres=True` keeps the simplified centre line itself, in pixel indices (what
+`cv2.findContours` gives those tools); a part whose centres enclose no area (a single pixel, a
+one-pixel-wide line) is then too small to be a polygon and is left out.
 """
 
 from __future__ import annotations
@@ -37,15 +45,17 @@ class MaskPolygon:
         return [round(v, 2) for point in self.exterior[:-1] for v in point]
 
 
-def mask_polygons(mask: np.ndarray, tolerance: float = 1.0) -> list[MaskPolygon]:
+def mask_polygons(mask: np.ndarray, tolerance: float = 1.0, pixel_centres: bool = False) -> list[MaskPolygon]:
     """Polygons of an [H, W] binary mask: one per connected part (8-connected), largest first.
 
     Holes are kept; parts inside holes are parts of their own. Every polygon is valid (shapely)
     and oriented with a counter-clockwise exterior (in x-right, y-up terms). An empty mask gives [].
+    `pixel_centres`: the outline through the boundary pixels' centres instead of around their
+    edges, for readers that rasterize with `cv2.fillPoly` (see the module docstring).
     """
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-    geometry = mask_geometry(mask, tolerance)
+    geometry = mask_geometry(mask, tolerance, pixel_centres)
     parts = list(geometry.geoms) if isinstance(geometry, MultiPolygon) else [geometry] if not geometry.is_empty else []
     parts.sort(key=lambda p: -p.area)
     return [
@@ -55,7 +65,7 @@ def mask_polygons(mask: np.ndarray, tolerance: float = 1.0) -> list[MaskPolygon]
     ]
 
 
-def mask_geometry(mask: np.ndarray, tolerance: float = 1.0) -> Polygon | MultiPolygon:
+def mask_geometry(mask: np.ndarray, tolerance: float = 1.0, pixel_centres: bool = False) -> Polygon | MultiPolygon:
     """The mask as one valid shapely (Multi)Polygon; see `mask_polygons`."""
     binary = np.ascontiguousarray(np.asarray(mask) != 0, dtype=np.uint8)
     if binary.ndim != 2:
@@ -68,14 +78,19 @@ def mask_geometry(mask: np.ndarray, tolerance: float = 1.0) -> Polygon | MultiPo
     top, left = int(rows[0]), int(cols[0])
     crop = np.pad(binary[top : rows[-1] + 1, left : cols[-1] + 1], 1)
     contours, hierarchy = cv2.findContours(crop, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
-    offset = np.array([left - 1 + 0.5, top - 1 + 0.5])  # undo the crop and pad; pixel centres
+    # Undo the crop and pad. Pixel centres lie at +0.5 in image coordinates; the centre-line
+    # outline is given in pixel indices instead (x = column), as fillPoly and Pillow read it.
+    offset = np.array([left - 1, top - 1]) + (0.0 if pixel_centres else 0.5)
     rings = [c.reshape(-1, 2).astype(np.float64) + offset for c in contours]
     pieces = []
     for i, ring in enumerate(rings):
         if hierarchy[0][i][3] != -1:
             continue  # a hole: added with its outer ring below
         holes = [rings[j] for j in range(len(rings)) if hierarchy[0][j][3] == i]
-        pieces.append(_grown(ring, holes, tolerance))
+        if not pixel_centres:
+            pieces.append(_grown(ring, holes, tolerance))
+        elif len(ring) >= 3:  # fewer points enclose nothing: a pixel or a straight run
+            pieces.append(_simplified(ring, holes, tolerance))
     # Growing parts that touch diagonally merges them; simplifying again only drops collinear points.
     geometry = shapely.unary_union(pieces).simplify(0.01, preserve_topology=True)
     if not geometry.is_valid:  # not expected after buffer + topology-preserving simplify; be safe
@@ -90,6 +105,16 @@ def _grown(exterior: np.ndarray, holes: list[np.ndarray], tolerance: float):
     if len(exterior) < 3:  # a single pixel or a straight run: a point or a line
         line = shapely.LineString(exterior) if len(exterior) > 1 else shapely.Point(exterior[0])
         return line.buffer(0.5, cap_style=3, join_style=_MITRE)
+    polygon = _simplified(exterior, holes, tolerance)
+    grown = polygon.buffer(0.5, join_style=_MITRE, mitre_limit=2.0)
+    # The ring itself also covers its pixels where the polygon is thinner than a pixel.
+    ring = np.asarray(polygon.exterior.coords) if isinstance(polygon, Polygon) and not polygon.is_empty else exterior
+    outline = shapely.LineString(np.vstack([ring, ring[:1]])).buffer(0.5, cap_style=3, join_style=_MITRE)
+    return shapely.union(grown, outline)
+
+
+def _simplified(exterior: np.ndarray, holes: list[np.ndarray], tolerance: float):
+    """The pixel-centre ring (with holes) as a valid polygon, simplified by `tolerance` pixels at most."""
     polygon = Polygon(exterior, [h for h in holes if len(h) >= 3])
     # Each simplified edge may sit up to `tolerance` off the outline, which costs a small part a
     # large share of its area: cap it at a fraction of the part's size (see module docstring).
@@ -98,11 +123,7 @@ def _grown(exterior: np.ndarray, holes: list[np.ndarray], tolerance: float):
         polygon = polygon.simplify(tolerance, preserve_topology=True)
     if not polygon.is_valid:  # zero-width necks traced twice: make_valid sorts them out
         polygon = shapely.make_valid(polygon)
-    grown = polygon.buffer(0.5, join_style=_MITRE, mitre_limit=2.0)
-    # The ring itself also covers its pixels where the polygon is thinner than a pixel.
-    ring = np.asarray(polygon.exterior.coords) if isinstance(polygon, Polygon) and not polygon.is_empty else exterior
-    outline = shapely.LineString(np.vstack([ring, ring[:1]])).buffer(0.5, cap_style=3, join_style=_MITRE)
-    return shapely.union(grown, outline)
+    return polygon
 
 
 def _polygons_only(geometry) -> Polygon | MultiPolygon:

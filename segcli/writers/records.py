@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from segcli.ops.rle import rle_area
-from segcli.writers.polygons import mask_polygons
 
 
 def build_record(
@@ -21,16 +20,23 @@ def build_record(
     rles: list[dict],
     category_names: dict[int, str],
     poly_tolerance: float | None = None,
+    pixel_centres: bool = False,
+    geo: dict | None = None,
 ) -> dict:
     """`{"file", "frame", "timestamp", "width", "height", "instances": [...]}`; instances best first.
 
     Each instance: `category_id`, `category_name`, `score` (5 decimals), `bbox` `[x, y, w, h]`
     (2 decimals), `area` (mask pixels), `segmentation` (COCO RLE, string counts), and with a
     `poly_tolerance`, `polygons`: one GeoJSON-style polygon per mask part, `[exterior, *holes]`,
-    each ring a closed list of `[x, y]`. `frame` and `timestamp` are null for images.
+    each ring a closed list of `[x, y]`: around the pixels' edges, or with `pixel_centres`
+    through their centres (segcli.writers.polygons). `frame` and `timestamp` are null for images.
+    `geo` (segcli.data.georef), when given, is kept as the record's `geo`.
     """
     from pycocotools import mask as mask_utils
 
+    if poly_tolerance is not None:
+        # Polygons need OpenCV and shapely: loaded only by runs that write them (start-up time).
+        from segcli.writers.polygons import mask_polygons
     instances = []
     areas = rle_area(rles)
     for box, score, category, rle, area in zip(np.asarray(boxes_xyxy).reshape(-1, 4), scores, category_ids, rles, areas):
@@ -47,10 +53,10 @@ def build_record(
             mask = mask_utils.decode(rle)
             instance["polygons"] = [
                 [[[round(x, 2), round(y, 2)] for x, y in ring] for ring in [part.exterior, *part.holes]]
-                for part in mask_polygons(mask, poly_tolerance)
+                for part in mask_polygons(mask, poly_tolerance, pixel_centres)
             ]
         instances.append(instance)
-    return {
+    record = {
         "file": file_name,
         "frame": frame,
         "timestamp": timestamp,
@@ -58,6 +64,9 @@ def build_record(
         "height": int(height),
         "instances": instances,
     }
+    if geo is not None:
+        record["geo"] = geo
+    return record
 
 
 def flat_exteriors(instance: dict) -> list[list[float]]:
