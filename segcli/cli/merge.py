@@ -9,6 +9,7 @@ import typer
 
 from segcli.cli.app import EXIT_CODES_HELP, app, run_engine
 from segcli.cli.command import SegcliCommand
+from segcli.text import escaped, plural
 
 
 @app.command(cls=SegcliCommand, epilog=EXIT_CODES_HELP)
@@ -24,5 +25,6 @@ def merge(
 
     summary = run_engine(lambda: merge_parts(parts, out), "nothing was written")
     if not quiet:
-        print(f"segcli: merged {summary.parts} parts ({summary.inputs} inputs, {summary.records} images and "
-              f"video frames, {summary.format}) into {summary.out} in {summary.seconds:.1f} s", file=sys.stderr)
+        print(f"segcli: merged {plural(summary.parts, 'part')} ({plural(summary.inputs, 'input')}, "
+              f"{plural(summary.records, 'image or video frame', 'images and video frames')}, {summary.format}) "
+              f"into {escaped(summary.out)} in {summary.seconds:.1f} s", file=sys.stderr)
