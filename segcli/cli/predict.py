@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import warnings
@@ -10,10 +11,10 @@ from typing import List, Optional
 import typer
 
 from segcli import STARTED
-from segcli.cli.app import EXIT_CODES_HELP, app, run_engine
+from segcli.cli.app import EXIT_CODES_HELP, app, fail, run_engine
 from segcli.cli.command import SegcliCommand
 from segcli.data.sources import describe_ignored
-from segcli.errors import ExitCode
+from segcli.errors import ExitCode, UsageError
 from segcli.text import escaped, plural
 
 
@@ -67,18 +68,31 @@ def predict(
     slice_match_thr: float = typer.Option(0.5, help="Threshold of --slice-match."),
     slice_whole: bool = typer.Option(True, "--slice-whole/--no-slice-whole",
                                      help="With --slice, also run the whole image downscaled (objects larger than a tile)."),
+    shard: Optional[str] = typer.Option(
+        None, metavar="K/N",
+        help="Predict only the K-th of N equal slices of the sorted inputs (1/N..N/N); join the parts with segcli merge.",
+    ),
+    ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster (pip install \"segcli[ray]\"): RAY_ADDRESS, "
+                                                 "a cluster started on this machine, else a local one."),
+    ray_address: Optional[str] = typer.Option(None, metavar="ADDRESS",
+                                              help="Ray cluster to join (auto, HOST:PORT, ray://HOST:PORT); implies --ray."),
+    ray_actors: Optional[int] = typer.Option(None, help="With --ray: model replicas (default one per GPU, else one per 4 CPUs)."),
 ) -> None:
     """Predict instance masks for images and videos and write them as COCO, JSON Lines, GeoJSON,
     LabelMe, YOLO or PNG; data goes to stdout only, logs and progress to stderr."""
     from segcli.engine.predict import PredictOptions, run_predict
 
+    if ray_actors is not None and not ray and ray_address is None:
+        fail(UsageError("--ray-actors needs --ray (or --ray-address)"))
     options = PredictOptions(
         sources=sources, out=out, weights=weights, arch=arch, device=device, precision=precision,
         batch_size=batch_size, score_thr=score_thr, max_det=max_det, format=format, workers=workers, quiet=quiet,
         masks=masks, poly_tolerance=poly_tolerance, classes=classes, vid_stride=vid_stride, overlay=overlay,
         resume=resume, slice=slice, overlap=overlap, slice_merge=slice_merge, slice_match=slice_match,
-        slice_match_thr=slice_match_thr, slice_whole=slice_whole,
+        slice_match_thr=slice_match_thr, slice_whole=slice_whole, shard=shard, ray=ray_address if ray_address is not None else ("" if ray else None),
+        ray_actors=ray_actors,
     )
+    quiet = options.quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun rank 0 reports for all
     # Pillow warns about oddities it recovers from ("Corrupt EXIF data"); segcli reports what
     # matters about an input in its own one line, and a warning per file would flood cron logs.
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")

@@ -33,6 +33,7 @@ from segcli.data.georef import GeoReader
 from segcli.data.sources import InputItem, expand_sources
 from segcli.engine.device import prepare_for_inference, resolve_device, resolve_precision
 from segcli.engine.progress import Progress
+from segcli.engine.shards import ShardRun, ShardSpec
 from segcli.engine.slicing import SlicedPredictor, SliceSettings
 from segcli.errors import UsageError
 from segcli.model.build import model_from_checkpoint
@@ -87,6 +88,10 @@ class PredictOptions:
     slice_match: str = "iou"
     slice_match_thr: float = 0.5
     slice_whole: bool = True
+    shard: str | None = None  # "K/N": only the K-th of N slices of the inputs (segcli.engine.shards)
+    rank: ShardSpec | None = None  # under torchrun: this process's slice, set by segcli.engine.torchrun_predict
+    ray: str | None = None  # run on Ray: "" for ray.init()'s own choice, else a cluster address
+    ray_actors: int | None = None  # with ray: model replicas (None: one per GPU, else one per 4 CPUs)
 
 
 @dataclass
@@ -313,34 +318,57 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
         raise UsageError(f"--batch-size must be at most {MAX_BATCH}, got {options.batch_size}")
     if options.workers is not None and options.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {options.workers}")
+    if options.rank is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from segcli.engine.torchrun_predict import run_ranks  # each rank runs this with its own slice
+
+        return run_ranks(options, stdin, stderr)
     plan = plan_output(options)
     slicing = SliceSettings.of(options)
     ignored: Counter[str] = Counter()
     items = expand_sources(options.sources, stdin=stdin, ignored=ignored)
     stems = output_stems(items)
     _refuse_overwrites(options, plan, items, stems)
-    created = first_missing(plan.state_dir) if plan.state_dir is not None else None
     keys = [json.dumps([os.path.realpath(item.path), item.file_name, stem], ensure_ascii=False)
             for item, stem in zip(items, stems)]
+    # Names are given over the whole list first, so that every shard names its inputs as one run would.
+    shard = ShardRun.of(options, plan, [item.file_name for item in items], stems)
+    if shard is not None:
+        plan, items, stems, keys = shard.plan, shard.span.take(items), shard.span.take(stems), shard.span.take(keys)
+    created = first_missing(plan.state_dir) if plan.state_dir is not None else None
+    if shard is not None and created is not None:
+        created = plan.state_dir  # shards share the folders above it: another may be writing there
     show_progress = (stderr.isatty() and not options.quiet) if options.progress is None else options.progress
     with contextlib.ExitStack() as stack:
         journal = _open_journal(plan, options, stack)  # takes the lock: a second run stops here, at once
+        if shard is not None:
+            shard.begin()
         if journal is not None and options.resume:
             journal.keep_only(dict(zip(keys, (item.path for item in items))))
         todo = [i for i in range(len(items)) if journal is None or not journal.is_done(keys[i])]
         try:
-            predictor = Predictor.load(options.weights, options.arch, options.device, options.precision,
-                                       options.score_thr, options.max_det, progress=show_progress, classes=options.classes)
+            if options.ray is not None:
+                from segcli.engine.ray_predict import driver_model, run_on_ray
+
+                predictor = driver_model(options, show_progress)  # Ray importable, the model loads here
+            else:
+                predictor = Predictor.load(options.weights, options.arch, options.device, options.precision,
+                                           options.score_thr, options.max_det, progress=show_progress,
+                                           classes=options.classes)
         except BaseException:
             if created is not None:  # a run that never started leaves no empty state folder behind
                 shutil.rmtree(created, ignore_errors=True)
             raise
-        if slicing is not None:
-            predictor = SlicedPredictor(predictor, slicing, options.max_det, options.batch_size)
-        run = _Run(options, plan, predictor, items, stems, keys, todo, journal, stderr, show_progress)
-        summary = run.go()
+        if options.ray is not None:  # the actors slice with the same settings (ray_predict.ActorSettings)
+            summary = run_on_ray(options, plan, predictor, items, stems, keys, todo, journal, stderr, show_progress)
+        else:
+            if slicing is not None:
+                predictor = SlicedPredictor(predictor, slicing, options.max_det, options.batch_size)
+            run = _Run(options, plan, predictor, items, stems, keys, todo, journal, stderr, show_progress)
+            summary = run.go()
         summary.reused = len(items) - len(todo)
         summary.ignored = ignored
+        if shard is not None:
+            shard.finish(journal, keys, fingerprint(options, plan))
         return summary
 
 

@@ -215,6 +215,11 @@ class Journal:
     def is_done(self, key: str) -> bool:
         return key in self._entries
 
+    def record_count(self, key: str) -> int:
+        """How many records a done input has (0 when it is not done)."""
+        entry = self._entries.get(key)
+        return 0 if entry is None else len(entry.records)
+
     def records(self, key: str) -> Iterator[dict]:
         """The stored records of a done input, in the order they were added."""
         entry = self._entries.get(key)
