@@ -142,7 +142,7 @@ class Predictor:
         known = {c["id"] for c in checkpoint.categories} if wanted is None else wanted
         # Restricting labels before NMS and --max-det makes --classes keep the best N of those classes.
         model.roi_heads.restrict_labels([cid in known for cid in checkpoint.label_to_category_id])
-        model = prepare_for_inference(model, torch_device, resolve_precision(precision, torch_device))
+        model = prepare_for_inference(model, torch_device, resolve_precision(precision, torch_device), fuse=True)
         return cls(model, checkpoint, torch_device, wanted)
 
     def predict(self, decoded: list[Decoded]) -> list[ImagePrediction]:
