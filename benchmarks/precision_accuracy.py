@@ -1,7 +1,7 @@
 """Does bf16 keep a trained model's accuracy? Mask and box AP of `segcli predict` in fp32 and in
 bf16 (and any other --precisions), scored against ground truth, not against each other.
 
-    python benchmarks/precision_accuracy.py [--work DIR] [--shapes-images 300] [--fruits-epochs 40]
+    python benchmarks/precision_accuracy.py [--work DIR] [--shapes-images 300] [--fruits-epochs 20]
     python benchmarks/precision_accuracy.py --fruits-weights DIR/fruits/run/last.pt   # skip training
 
 Two trained models (no pretrained COCO weights can be had offline):
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="keeps the data sets and the trained model (default: a temp dir)")
     parser.add_argument("--shapes-images", type=int, default=300)
     parser.add_argument("--shapes-seed", type=int, default=20261202)
-    parser.add_argument("--fruits-epochs", type=int, default=40)
+    parser.add_argument("--fruits-epochs", type=int, default=20)
     parser.add_argument("--fruits-weights", default=None, help="a fine-tuned fruits_nuts checkpoint (skips training)")
     parser.add_argument("--precisions", default="fp32,bf16")
     args = parser.parse_args()

@@ -43,12 +43,12 @@ class FusedConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, relu: bool, dtype: torch.dtype) -> None:
         super().__init__()
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise ValueError("only zero-padded convolutions with explicit padding can be fused")
         self.register_buffer("weight", conv.weight.detach().to(dtype).contiguous(memory_format=torch.channels_last))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().to(dtype))
         self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         self.unary = "relu" if relu else "none"
-        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-            raise ValueError("only zero-padded convolutions with explicit padding can be fused")
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         x = x.to(self.weight.dtype)
@@ -70,36 +70,22 @@ class FusedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x.to(self.weight.dtype), self.weight, self.bias, self.unary, [], "")
 
 
-class FusedBottleneck(nn.Module):
-    """torchvision's ResNet Bottleneck (BatchNorm folded): three fused convs, the last one adding
-    the shortcut and applying the block's ReLU."""
+class FusedResidualBlock(nn.Module):
+    """torchvision's ResNet Bottleneck or BasicBlock (BatchNorm folded): its convolutions fused
+    with their ReLUs, the last one also adding the shortcut before the block's ReLU."""
 
-    def __init__(self, block: Bottleneck, dtype: torch.dtype) -> None:
+    def __init__(self, block: Bottleneck | BasicBlock, dtype: torch.dtype) -> None:
         super().__init__()
-        self.conv1 = FusedConv2d(block.conv1, True, dtype)
-        self.conv2 = FusedConv2d(block.conv2, True, dtype)
-        self.conv3 = FusedConv2d(block.conv3, True, dtype)
+        names = ("conv1", "conv2", "conv3") if isinstance(block, Bottleneck) else ("conv1", "conv2")
+        self.convs = nn.ModuleList(FusedConv2d(getattr(block, name), True, dtype) for name in names)
         self.downsample = _fused_shortcut(block.downsample, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.to(self.conv1.weight.dtype)
+        x = x.to(self.convs[0].weight.dtype)
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.conv3(self.conv2(self.conv1(x)), residual=shortcut)
-
-
-class FusedBasicBlock(nn.Module):
-    """torchvision's ResNet BasicBlock (ResNet-18), fused as the Bottleneck is."""
-
-    def __init__(self, block: BasicBlock, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.conv1 = FusedConv2d(block.conv1, True, dtype)
-        self.conv2 = FusedConv2d(block.conv2, True, dtype)
-        self.downsample = _fused_shortcut(block.downsample, dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x.to(self.conv1.weight.dtype)
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.conv2(self.conv1(x), residual=shortcut)
+        for conv in self.convs[:-1]:
+            x = conv(x)
+        return self.convs[-1](x, residual=shortcut)
 
 
 def _fused_shortcut(downsample: nn.Module | None, dtype: torch.dtype) -> FusedConv2d | None:
@@ -208,7 +194,7 @@ def fuse_sequential(sequence: nn.Sequential, dtype: torch.dtype) -> int:
     children = list(sequence.named_children())
     fused = 0
     for position, (name, layer) in enumerate(children):
-        if not isinstance(layer, (nn.Conv2d, nn.Linear)) or type(layer) not in (nn.Conv2d, nn.Linear):
+        if type(layer) not in (nn.Conv2d, nn.Linear):  # exactly these: not ConvTranspose2d, not fused ones
             continue
         following = [(n, m) for n, m in children[position + 1:] if not isinstance(m, nn.Identity)][:1]
         relu = bool(following) and isinstance(following[0][1], nn.ReLU)
@@ -229,9 +215,8 @@ def fuse_for_cpu(model: nn.Module, precision: str) -> int:
     fused = 0
     for stage in (body.layer1, body.layer2, body.layer3, body.layer4):
         for index, block in enumerate(stage):
-            fused_block = {Bottleneck: FusedBottleneck, BasicBlock: FusedBasicBlock}[type(block)](block, dtype)
-            fused += len(list(fused_block.children()))
-            stage[index] = fused_block
+            stage[index] = FusedResidualBlock(block, dtype)
+            fused += len(stage[index].convs) + (block.downsample is not None)
     # The stem, which IntermediateLayerGetter runs in order: conv1, bn1 (folded), relu, maxpool.
     body.conv1 = FusedConv2d(body.conv1, True, dtype)
     body.relu = nn.Identity()
