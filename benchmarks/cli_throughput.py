@@ -183,7 +183,12 @@ def run_cli_benchmark(archs: list[str], count: int, rounds: int, precisions: lis
                     timings[name].wall.append(steady)
                     timings[name].startup.append(wall_n - steady)
                     timings[name].cpu.append((cpu_2n - cpu_n) / count)
-                print(f"  {arch} round {round_index + 1}/{rounds} done ({load_line()})", file=sys.stderr, flush=True)
+                # Each round's own figures as it ends: a run stopped early still leaves numbers.
+                speeds = {name: count / t.wall[-1] for name, t in timings.items()}
+                line = ", ".join(f"{name} {speed:.3f} img/s" for name, speed in speeds.items())
+                if "segcli" in speeds:
+                    line += f"; segcli x plain {speeds['segcli'] / speeds['plain']:.2f}, x tuned {speeds['segcli'] / speeds['tuned']:.2f}"
+                print(f"  {arch} round {round_index + 1}/{rounds} ({load_line()}): {line}", flush=True)
             results = {name: load_detections(outputs[name], names_2n) for name in pipelines}
             for name in pipelines:
                 timings[name].detections = sum(len(r[1]) for r in results[name].values()) / len(names_2n)
