@@ -1,8 +1,12 @@
 """Images/s of segcli predict against torchvision loops, on the same real photos and weights.
 
-    python benchmarks/predict_throughput.py [--images 12] [--archs maskrcnn_resnet50_fpn,...]
+    python benchmarks/predict_throughput.py [--rounds 3] [--archs maskrcnn_resnet50_fpn,...]
+    python benchmarks/predict_throughput.py --mode inprocess [--images 12] [--thresholds 0.5,0.05]
 
-Three pipelines, one process, same photos (../shared/data/coco_tiny), same weights:
+--mode cli (the default): each pipeline a process of its own, as a user runs it, timed over N and
+2N photos so that start-up cancels, plus segcli's per-stage profile; see benchmarks/cli_throughput.py.
+
+--mode inprocess: three pipelines, one process, same photos (../shared/data/coco_tiny), same weights:
   plain   PIL decode, torchvision's model one image at a time in fp32, threshold, pycocotools
           encode per mask (how torchvision's docs and reference scripts do it)
   tuned   the same with bf16 autocast + channels_last on the CPU, AMP (fp16) on CUDA
@@ -35,6 +39,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.cli_throughput import run_cli_benchmark  # noqa: E402
 from benchmarks.common import real_photos, seeded_state_dict, torchvision_model  # noqa: E402
 from segcli.categories import COCO_LABELS  # noqa: E402
 from segcli.engine.predict import PredictOptions, run_predict  # noqa: E402
@@ -127,14 +132,27 @@ def mask_ap(ground_truth, predictions):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=12)
-    parser.add_argument("--archs", default="maskrcnn_resnet50_fpn,maskrcnn_resnet18_fpn_small")
+    parser.add_argument("--mode", choices=("cli", "inprocess"), default="cli")
+    parser.add_argument("--images", type=int, default=None, help="photos: N of the cli mode (6), inprocess: 12")
+    parser.add_argument("--archs", default=None,
+                        help="cli: maskrcnn_resnet50_fpn,maskrcnn_resnet50_fpn_v2,maskrcnn_resnet18_fpn_small; "
+                             "inprocess: maskrcnn_resnet50_fpn,maskrcnn_resnet18_fpn_small")
+    parser.add_argument("--rounds", type=int, default=3, help="cli: rounds in which the pipelines take turns")
+    parser.add_argument("--segcli-precisions", default="auto,fp32", help="cli: segcli runs, one per --precision")
+    parser.add_argument("--no-profile", action="store_true", help="cli: skip the per-stage profile")
+    parser.add_argument("--baseline", type=Path, default=None, help="cli: also time segcli from this checkout (e.g. main)")
     parser.add_argument("--thresholds", default="0.5,0.05")
     parser.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--gpu-batch-size", type=int, default=8)
     parser.add_argument("--skip-parity", action="store_true", help="skip the fp32 match and bf16 agreement runs")
     args = parser.parse_args()
-    photos = real_photos(args.images)
+    if args.mode == "cli":
+        archs = args.archs or "maskrcnn_resnet50_fpn,maskrcnn_resnet50_fpn_v2,maskrcnn_resnet18_fpn_small"
+        run_cli_benchmark(archs.split(","), args.images or 6, args.rounds, args.segcli_precisions.split(","),
+                          profile=not args.no_profile, baseline=args.baseline)
+        return
+    args.archs = args.archs or "maskrcnn_resnet50_fpn,maskrcnn_resnet18_fpn_small"
+    photos = real_photos(args.images or 12)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for device_name in args.devices.split(","):

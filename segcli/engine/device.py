@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from segcli.errors import UsageError
+from segcli.model.cpu_fusion import FUSABLE_PRECISIONS, fuse_for_cpu, fusion_available
 from segcli.model.fuse import fold_batchnorm
 from segcli.model.maskrcnn import PRECISIONS, MaskRCNN
 
@@ -46,12 +47,23 @@ def resolve_precision(spec: str, device: torch.device) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
-def prepare_for_inference(model: MaskRCNN, device: torch.device, precision: str) -> MaskRCNN:
+def fuses_on(device: torch.device, precision: str) -> bool:
+    """Whether `prepare_for_inference(fuse=True)` fuses: CPUs only (on CUDA, cuDNN and the Triton
+    kernels are the fast path), in float32 or bfloat16, where torch has oneDNN's fused operators."""
+    return device.type == "cpu" and precision in FUSABLE_PRECISIONS and fusion_available()
+
+
+def prepare_for_inference(model: MaskRCNN, device: torch.device, precision: str, fuse: bool = False) -> MaskRCNN:
     """Move the model, fold its BatchNorms, set its precision, and use channels_last (faster
-    convolutions on CPU and GPU)."""
+    convolutions on CPU and GPU). With `fuse`, on a CPU, convolutions and linear layers also run
+    with their ReLU and residual add as single oneDNN primitives (segcli.model.cpu_fusion); export
+    leaves it off, since the exported graph must consist of standard operators."""
     model = model.to(device).eval()
     fold_batchnorm(model)
     model.precision = precision
-    if precision != "fp32" or device.type == "cuda":
+    fused = fuse and fuses_on(device, precision)
+    if fused:
+        fuse_for_cpu(model, precision)
+    if precision != "fp32" or device.type == "cuda" or fused:  # fused layers read rows of channels
         model = model.to(memory_format=torch.channels_last)
     return model

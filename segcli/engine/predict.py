@@ -163,7 +163,7 @@ class Predictor:
         known = {c["id"] for c in checkpoint.categories} if wanted is None else wanted
         # Restricting labels before NMS and --max-det makes --classes keep the best N of those classes.
         model.roi_heads.restrict_labels([cid in known for cid in checkpoint.label_to_category_id])
-        model = prepare_for_inference(model, torch_device, precision)
+        model = prepare_for_inference(model, torch_device, precision, fuse=True)
         return cls(model, checkpoint, torch_device, wanted)
 
     def predict(self, decoded: list[Decoded]) -> list[ImagePrediction]:

@@ -51,6 +51,7 @@ class MaskRCNN(nn.Module):
         self.roi_heads = roi_heads
         self.resize = resize
         self.precision = "fp32"
+        self.pool_dtype = torch.float32  # RoIAlign's output; the heads' own dtype when they are fused
 
     def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
         """Mixed precision for the convolution and linear layers; box, NMS and mask arithmetic
@@ -73,7 +74,7 @@ class MaskRCNN(nn.Module):
             features = list(self.backbone(x).values())
             proposals = self.rpn(features, tuple(x.shape[-2:]), resized)
             # The last level ("pool") only feeds the RPN.
-            pyramid = RoIPyramid(features[:-1], tuple(x.shape[-2:]))
+            pyramid = RoIPyramid(features[:-1], tuple(x.shape[-2:]), self.pool_dtype)
             flat = self.roi_heads.detect(pyramid, proposals.boxes, proposals.valid, resized)
             mask_probs = self.roi_heads.mask_probabilities(pyramid, flat)
         return Detections(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torchvision.models.detection.rpn import RPNHead
 
 from segcli.model.anchors import AnchorGenerator
 from segcli.model.boxes import clip_boxes, decode_boxes, large_enough
@@ -51,6 +52,8 @@ class RegionProposalNetwork(nn.Module):
     def head_outputs(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """The head's 3x3 convs run in the model's precision; its two 1x1 output layers in float32,
         because top-k over ~100k bf16 logits (8-bit mantissa) would be decided by ties."""
+        if not isinstance(self.head, RPNHead):  # a fused CPU head (segcli.model.cpu_fusion) does the same itself
+            return self.head(features)
         objectness, deltas = [], []
         for feature in features:
             hidden = self.head.conv(feature)

@@ -88,13 +88,17 @@ def _axis_taps(coord: Tensor, length: Tensor):
 
 class RoIPyramid:
     """The FPN levels RoIAlign reads, prepared once per forward pass and shared by the box and the
-    mask stage. `features` are [N, C, H_l, W_l] maps of strides 4, 8, 16, 32, in any float dtype."""
+    mask stage. `features` are [N, C, H_l, W_l] maps of strides 4, 8, 16, 32, in any float dtype.
 
-    def __init__(self, features: Sequence[Tensor], padded_size: tuple[int, int]) -> None:
+    Outputs are float32, or `dtype` (bfloat16 for heads that run in it: the gather still sums in
+    float32 and rounds once) when no gradient is needed."""
+
+    def __init__(self, features: Sequence[Tensor], padded_size: tuple[int, int], dtype: torch.dtype = torch.float32) -> None:
         self.features = list(features)
         self.scales = level_scales(self.features, padded_size)
         self.first_level = -round(math.log2(self.scales[0]))
         self._table: Tensor | None = None
+        self.dtype = torch.float32 if self.needs_grad else dtype
 
     @property
     def needs_grad(self) -> bool:
@@ -104,12 +108,22 @@ class RoIPyramid:
         """Every level's pixels as rows of channels: row = level offset + (n * H + y) * W + x."""
         if self._table is None:
             channels = self.features[0].shape[1]
-            with torch.autocast(self.features[0].device.type, enabled=False):
-                self._table = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, channels) for f in self.features]).float()
+            levels = [f.permute(0, 2, 3, 1).reshape(-1, channels) for f in self.features]
+            if self.needs_grad:  # autograd scatters the gradient back through the concatenation
+                self._table = torch.cat(levels).float()
+                return self._table
+            # Filled level by level, casting on the way: one pass, not a concatenation and a cast.
+            table = torch.empty((sum(rows.shape[0] for rows in levels), channels), dtype=self.dtype, device=levels[0].device)
+            start = 0
+            for rows in levels:
+                table[start:start + rows.shape[0]].copy_(rows)
+                start += rows.shape[0]
+            self._table = table
         return self._table
 
     def __call__(self, boxes: Tensor, batch_index: Tensor, output_size: int, sampling_ratio: int = 2) -> Tensor:
-        """Pool [R, C, output_size, output_size] float32 features for boxes [R, 4] (input-image coords)."""
+        """Pool [R, C, output_size, output_size] features for boxes [R, 4] (input-image coords); in
+        channels-last memory when no gradient is needed (the heads read it as is)."""
         levels = assign_levels(boxes, self.first_level, self.first_level + len(self.features) - 1)
         # The Triton kernel has no backward pass; training takes the gather path, which autograd
         # differentiates (embedding_bag's gradient scatters into the feature table).
@@ -133,6 +147,9 @@ class RoIPyramid:
         ys, xs, weights = _sample_points(boxes, scale, height[:, 0, 0], width[:, 0, 0], output_size, sampling_ratio)
         rows = offsets[levels][:, None, None] + (batch_index[:, None, None] * height + ys) * width + xs
         taps = rows.shape[-1]
-        pooled = F.embedding_bag(rows.reshape(-1, taps), self.table(), per_sample_weights=weights.reshape(-1, taps), mode="sum")
+        table = self.table()
+        pooled = F.embedding_bag(rows.reshape(-1, taps), table, per_sample_weights=weights.reshape(-1, taps).to(table.dtype),
+                                 mode="sum")
         channels = self.features[0].shape[1]
-        return pooled.view(boxes.shape[0], output_size, output_size, channels).permute(0, 3, 1, 2).contiguous()
+        pooled = pooled.view(boxes.shape[0], output_size, output_size, channels).permute(0, 3, 1, 2)
+        return pooled.contiguous() if self.needs_grad else pooled
