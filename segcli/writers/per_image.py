@@ -30,7 +30,8 @@ class Target:
 
 class LabelMeWriter:
     """One LabelMe JSON per image: a polygon shape per mask part; parts of one instance share a
-    `group_id` (the instance's rank, best score first); the score is in the shape's description."""
+    `group_id` (the instance's rank, best score first; with --track, its track id, so one object keeps
+    its group across a video's frames); the score is in the shape's description."""
 
     suffix = ".json"
 
@@ -46,7 +47,7 @@ class LabelMeWriter:
                 shapes.append({
                     "label": instance["category_name"],
                     "points": [[ring[i], ring[i + 1]] for i in range(0, len(ring), 2)],
-                    "group_id": group,
+                    "group_id": instance.get("track_id", group),
                     "description": f"score={instance['score']}",
                     "shape_type": "polygon",
                     "flags": {},
@@ -96,9 +97,10 @@ class YoloWriter:
 
 
 class PngWriter:
-    """`<stem>.instances.png` (16-bit: 0 background, k for the k-th instance by score) and
-    `<stem>.classes.png` (8-bit: 0 background, else the category id). Where masks overlap, the
-    higher-scoring instance owns the pixel."""
+    """`<stem>.instances.png` (16-bit: 0 background, k for the k-th instance by score; with --track,
+    the instance's track id, as MOTS-style video masks number objects) and `<stem>.classes.png`
+    (8-bit: 0 background, else the category id). Where masks overlap, the higher-scoring instance
+    owns the pixel."""
 
     def __init__(self, out: Path, categories: list[dict]) -> None:
         self.out = out
@@ -119,7 +121,7 @@ class PngWriter:
         for rank in range(len(record["instances"]), 0, -1):
             instance = record["instances"][rank - 1]
             mask = mask_utils.decode(instance["segmentation"]).astype(bool)
-            instances[mask] = rank
+            instances[mask] = _instance_value(instance, rank)
             classes[mask] = instance["category_id"]
         written = []
         for name, array in ((".instances.png", instances), (".classes.png", classes)):
@@ -131,6 +133,17 @@ class PngWriter:
                 handle.write(data.tobytes())
             written.append(relative)
         return written
+
+
+def _instance_value(instance: dict, rank: int) -> int:
+    track_id = instance.get("track_id")
+    if track_id is None:
+        return rank
+    if track_id > 65535:
+        from segcli.errors import UsageError
+
+        raise UsageError(f"--format png holds track ids up to 65535 in 16 bits; this video has track {track_id}")
+    return track_id
 
 
 def _relative_to(path: Path, folder: Path) -> str:
