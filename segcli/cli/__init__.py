@@ -6,6 +6,7 @@ from segcli.cli import predict  # noqa: F401  (registers the subcommand)
 from segcli.cli import train  # noqa: F401
 from segcli.cli import evaluate  # noqa: F401
 from segcli.cli import export  # noqa: F401
+from segcli.cli import review  # noqa: F401
 
 
 def main() -> None:

@@ -48,4 +48,4 @@ def run_engine(call: Callable[[], T], kept_on_interrupt: str) -> T:
 
 @app.callback()
 def _root() -> None:
-    """Subcommands: predict, train, eval, export."""
+    """Subcommands: predict, train, eval, export, review."""

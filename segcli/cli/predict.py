@@ -10,8 +10,8 @@ from typing import List, Optional
 
 import typer
 
-from segcli.cli.app import EXIT_CODES_HELP, app, run_engine
-from segcli.errors import ExitCode
+from segcli.cli.app import EXIT_CODES_HELP, app, fail, run_engine
+from segcli.errors import ExitCode, UsageError
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -51,6 +51,28 @@ def predict(
     workers: Optional[int] = typer.Option(
         None, help="Background decoding threads (default 1 on <= 2 CPU cores, else 2; 0 decodes inline)."
     ),
+    track: bool = typer.Option(
+        False, "--track", help="Give each instance in a video frame a track_id, the same for one object in every frame."
+    ),
+    track_low_thr: Optional[float] = typer.Option(
+        None, help="With --track: detections above this (default 0.1) but not above --score-thr continue tracks "
+                   "(ByteTrack's second stage); they are not written."
+    ),
+    track_buffer: Optional[int] = typer.Option(
+        None, help="With --track: video frames a lost track is kept to be found again (default 30)."
+    ),
+    track_iou: Optional[float] = typer.Option(
+        None, help="With --track: a track and a detection match when the mean of their box and mask IoU is above this "
+                   "(default 0.2, as ByteTrack)."
+    ),
+    review: Optional[str] = typer.Option(
+        None, help="Also write a review queue to this CSV: every image and frame scored by how much a person should "
+                   "look at it, worst first."
+    ),
+    review_flip: bool = typer.Option(
+        False, "--review-flip", help="With --review: also predict each image mirrored and score the disagreement "
+                                     "(a second forward pass per image)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, warnings or summary on stderr."),
 ) -> None:
     """Predict instance masks for images and videos and write them as COCO, JSON Lines, GeoJSON,
@@ -61,7 +83,8 @@ def predict(
         sources=sources, out=out, weights=weights, arch=arch, device=device, precision=precision,
         batch_size=batch_size, score_thr=score_thr, max_det=max_det, format=format, workers=workers, quiet=quiet,
         masks=masks, poly_tolerance=poly_tolerance, classes=classes, vid_stride=vid_stride, overlay=overlay,
-        resume=resume,
+        resume=resume, track=_track_settings(track, track_low_thr, track_buffer, track_iou),
+        review=_review_settings(review, review_flip),
     )
     # Pillow warns about oddities it recovers from ("Corrupt EXIF data"); segcli reports what
     # matters about an input in its own one line, and a warning per file would flood cron logs.
@@ -83,6 +106,29 @@ def predict(
             print(f"  {path}: {reason}", file=sys.stderr)
     if summary.failures:
         raise typer.Exit(int(ExitCode.SOME_INPUTS_FAILED))
+
+
+def _track_settings(track: bool, low_thr: Optional[float], buffer: Optional[int], iou: Optional[float]):
+    from segcli.engine.tracking import TrackSettings
+
+    given = {"low_thr": low_thr, "buffer": buffer, "min_similarity": iou}
+    flags = {"low_thr": "--track-low-thr", "buffer": "--track-buffer", "min_similarity": "--track-iou"}
+    if not track:
+        for name, value in given.items():
+            if value is not None:
+                fail(UsageError(f"{flags[name]} needs --track"))
+        return None
+    return TrackSettings(**{name: value for name, value in given.items() if value is not None})
+
+
+def _review_settings(path: Optional[str], flip: bool):
+    from segcli.engine.review import ReviewSettings
+
+    if path is None:
+        if flip:
+            fail(UsageError("--review-flip needs --review FILE"))
+        return None
+    return ReviewSettings(path, flip)
 
 
 def _interrupt(signum, frame) -> None:

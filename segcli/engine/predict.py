@@ -29,8 +29,11 @@ from segcli import __version__
 from segcli.atomic import atomic_write
 from segcli.data.decode import Decoded, InputDone, iter_decoded
 from segcli.data.sources import InputItem, expand_sources
+from segcli.engine.candidates import above, model_threshold
 from segcli.engine.device import prepare_for_inference, resolve_device, resolve_precision
 from segcli.engine.progress import Progress
+from segcli.engine.review import ReviewQueue, ReviewSettings, check_review_path
+from segcli.engine.tracking import TrackSettings, VideoTracks, add_track_ids
 from segcli.errors import UsageError
 from segcli.model.build import model_from_checkpoint
 from segcli.model.maskrcnn import Detections, MaskRCNN
@@ -74,6 +77,8 @@ class PredictOptions:
     vid_stride: int = 1  # every N-th video frame
     overlay: str | None = None  # folder for images/videos with the predictions drawn
     resume: bool = False  # skip inputs already done by an earlier run with the same settings
+    track: TrackSettings | None = None  # --track: ids across video frames (segcli.engine.tracking)
+    review: ReviewSettings | None = None  # --review: the review-queue CSV (segcli.engine.review)
 
 
 @dataclass
@@ -294,9 +299,13 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
     if options.batch_size is not None and options.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {options.batch_size}")
     plan = plan_output(options)
+    if options.track is not None:
+        options.track.validate(options.score_thr)
     items = expand_sources(options.sources, stdin=stdin)
     stems = output_stems(items)
     _refuse_overwriting_inputs(items, stems, options.overlay)
+    if options.review is not None:
+        check_review_path(options.review, plan.out, [item.path for item in items])
     keys = [json.dumps([os.path.realpath(item.path), item.file_name, stem], ensure_ascii=False)
             for item, stem in zip(items, stems)]
     show_progress = (stderr.isatty() and not options.quiet) if options.progress is None else options.progress
@@ -306,7 +315,8 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
             journal.keep_only(dict(zip(keys, (item.path for item in items))))
         todo = [i for i in range(len(items)) if journal is None or not journal.is_done(keys[i])]
         predictor = Predictor.load(options.weights, options.arch, options.device, options.precision,
-                                   options.score_thr, options.max_det, progress=show_progress, classes=options.classes)
+                                   model_threshold(options), options.max_det, progress=show_progress,
+                                   classes=options.classes)
         run = _Run(options, plan, predictor, items, stems, keys, todo, journal, stderr, show_progress)
         summary = run.go()
         summary.reused = len(items) - len(todo)
@@ -333,7 +343,7 @@ def fingerprint(options: PredictOptions, plan: OutputPlan) -> dict:
         precision = resolve_precision(options.precision, resolve_device(options.device))
     except Exception:  # reported properly by Predictor.load
         precision = options.precision
-    return {
+    settings = {
         "weights": _weights_identity(options.weights),
         "arch": options.arch,
         "precision": str(precision),
@@ -346,6 +356,12 @@ def fingerprint(options: PredictOptions, plan: OutputPlan) -> dict:
         "vid_stride": options.vid_stride,
         "overlay": os.path.abspath(options.overlay) if options.overlay else None,
     }
+    # Only when on, so that outputs made before these options existed still resume.
+    if options.track is not None:
+        settings["track"] = options.track.fingerprint()
+    if options.review is not None:
+        settings["review"] = options.review.fingerprint()
+    return settings
 
 
 def _weights_identity(spec: str) -> str:
@@ -382,6 +398,15 @@ class _Run:
         self.stdout_lines = JsonlWriter(sys.stdout.buffer) if plan.out is None and plan.format == "jsonl" else None
         self.signatures = {i: Signature.of(items[i].path) for i in todo}
         self.files: dict[int, list[str]] = {}  # per-image outputs of the video in progress
+        self.tracks = VideoTracks(options.track, options.score_thr) if options.track is not None else None
+        self.review = None
+        if options.review is not None:
+            reused = set(keys) - {keys[i] for i in todo}
+            self.review = ReviewQueue(options.review, options.score_thr, predictor, plan.state_dir, options.resume,
+                                      reused)
+            if self.review.missing:
+                self.warn(f"--review: {self.review.missing} inputs done by the earlier run have no review rows "
+                          f"(its review store is gone); run without --resume to review them")
         self.info = {
             "description": "segcli predictions",
             "version": __version__,
@@ -429,9 +454,17 @@ class _Run:
     def _result(self, index: int, decoded: Decoded, result: ImagePrediction) -> int:
         """Handle one image or frame result; returns 1 when that completed an input."""
         item, stem = self.items[index], self.stems[index]
+        found = result  # with --track or --review, also the detections below --score-thr (engine.candidates)
+        if self.tracks is not None or self.review is not None:
+            result = above(found, self.options.score_thr)
         record = build_record(item.file_name, result.frame, result.timestamp, result.width, result.height,
                               result.boxes, result.scores, result.category_ids, result.rles, self.category_names,
                               self.options.poly_tolerance if self.plan.polygons else None)
+        if self.tracks is not None and result.frame is not None:
+            add_track_ids(record, self.tracks.assign(index, found.frame, found.boxes, found.scores,
+                                                     found.category_ids, found.rles))
+        if self.review is not None:
+            self.review.add(self.keys[index], record, found, decoded)
         files = self.files.setdefault(index, [])
         if self.per_image is not None:
             files += _absolute(self.plan.out, self.per_image.write(Target(record, frame_stem(stem, result.frame), item.path)))
@@ -453,6 +486,8 @@ class _Run:
         return 1
 
     def _video_done(self, index: int, event: InputDone) -> int:
+        if self.tracks is not None:
+            self.tracks.finish(index)
         if event.note:
             self.summary.notes.append((str(self.items[index].path), event.note))
             self.warn(f"{self.items[index].path}: {event.note}")
@@ -463,6 +498,8 @@ class _Run:
 
     def _done(self, index: int) -> None:
         files = self.files.pop(index, [])
+        if self.review is not None:
+            self.review.input_done(self.keys[index])  # before the journal's mark, so --resume finds its rows
         signature = self.signatures.get(index)
         if self.journal is not None and signature is not None:
             self.journal.done(self.keys[index], signature, files)
@@ -472,12 +509,18 @@ class _Run:
         self.summary.failures.append((path, reason))
         self.warn(f"skipped {path}: {reason}")
         self.files.pop(index, None)
+        if self.tracks is not None:
+            self.tracks.finish(index)
+        if self.review is not None:
+            self.review.forget(self.keys[index])
         if self.journal is not None:
             self.journal.forget_pending(self.keys[index])
         return 1
 
     def _assemble(self) -> None:
         """Write the one-file output from the journal: every done input, in input order."""
+        if self.review is not None:
+            self.review.write(self.keys)
         plan = self.plan
         if plan.per_image or self.journal is None:
             return
