@@ -248,6 +248,8 @@ def test_ctrl_c_writes_the_csv_of_what_was_finished_and_resume_completes_it(monk
         (["review", "{tmp}/gt.json"], "without a score"),
         (["review", "{tmp}/gt.json", "--score-thr", "2"], "--score-thr"),
         (["review", "{tmp}/results.json"], "results list"),
+        (["review", "{tmp}/gt.json", "--out", "{tmp}"], "is a folder"),
+        (["review", "{tmp}/gt.json", "--out", "{tmp}/gt.json"], "is the predictions file"),
     ],
 )
 def test_bad_review_usage_is_one_line_and_exit_2(args, words, tmp_path):

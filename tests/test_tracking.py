@@ -101,8 +101,10 @@ def step(tracker: Tracker, frame: int, objects: list[tuple[float, float, float, 
 def test_two_objects_crossing_keep_their_ids_by_their_velocity():
     tracker = Tracker(TrackSettings(), score_thr=0.5)
     seen = []
-    for frame in range(20):  # A moves right, B left, on one row; they meet at frame 10
-        seen.append(step(tracker, frame, [(20 + 8 * frame, 90, 0.9, 1), (180 - 8 * frame, 92, 0.8, 1)]))
+    for frame in range(20):  # A moves right, B left, on one row; they pass each other at frame 10
+        a, b = (20 + 8 * frame, 90, 0.9, 1), (181 - 8 * frame, 90, 0.8, 1)
+        seen.append(step(tracker, frame, [a, b]))
+    # Right after they pass, A is nearer where B was than where A was: only motion tells them apart.
     assert all(ids == [1, 2] for ids in seen), seen
 
 

@@ -11,14 +11,18 @@ features. What it costs is mask work on the extra detections (benchmarks/track_r
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from segcli.engine.review import REVIEW_BAND
 
+if TYPE_CHECKING:
+    from segcli.engine.predict import ImagePrediction, PredictOptions
 
-def model_threshold(options) -> float:
-    """The score threshold the model runs with (PredictOptions in): `--score-thr`, or lower when
+
+def model_threshold(options: PredictOptions) -> float:
+    """The score threshold the model runs with: `--score-thr`, or lower when
     `--track` or `--review` need candidates below it. Exported models keep `--score-thr` (their
     files were made with a threshold of their own, which they cannot go below); an invalid
     `--score-thr` is passed on unchanged, for the model loader to report as given."""
@@ -37,7 +41,7 @@ def model_threshold(options) -> float:
     return max(floor, 0.0)
 
 
-def above(result, score_thr: float):
+def above(result: ImagePrediction, score_thr: float) -> ImagePrediction:
     """An ImagePrediction cut to the detections scoring above `score_thr` (order kept)."""
     keep = np.asarray(result.scores) > np.float32(score_thr)  # float32, as the model compares
     if keep.all():

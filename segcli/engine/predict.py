@@ -402,8 +402,8 @@ class _Run:
         self.review = None
         if options.review is not None:
             reused = set(keys) - {keys[i] for i in todo}
-            self.review = ReviewQueue(options.review, options.score_thr, predictor, plan.state_dir, options.resume,
-                                      reused)
+            self.review = ReviewQueue(options.review, options.score_thr, plan.state_dir, options.resume, reused)
+            self.predictor = self.review.predictor_for_run(predictor)  # --review-flip: mirror images too
             if self.review.missing:
                 self.warn(f"--review: {self.review.missing} inputs done by the earlier run have no review rows "
                           f"(its review store is gone); run without --resume to review them")

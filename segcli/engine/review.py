@@ -31,7 +31,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -39,6 +39,10 @@ from pycocotools import mask as mask_utils
 from segcli.atomic import atomic_write
 from segcli.errors import UsageError
 from segcli.ops.assignment import match
+
+if TYPE_CHECKING:
+    from segcli.data.decode import Decoded
+    from segcli.engine.predict import ImagePrediction, Predictor
 
 REVIEW_BAND = 0.25  # B: how far from the threshold a score still counts as a near decision
 FLIP_MATCH_IOU = 0.5  # panoptic quality's threshold: above it, a match is unambiguous
@@ -147,11 +151,11 @@ class ReviewQueue:
     `--resume` writes the rows of reused inputs too; a torn last line is ignored, and an input done
     twice keeps its last rows."""
 
-    def __init__(self, settings: ReviewSettings, score_thr: float, predictor, state_dir: Path | None,
-                 resume: bool, reused: set[str]) -> None:
+    def __init__(self, settings: ReviewSettings, score_thr: float, state_dir: Path | None, resume: bool,
+                 reused: set[str]) -> None:
         self.settings = settings
         self.score_thr = score_thr
-        self.predictor = predictor  # for the flip pass
+        self.mirrored: dict[tuple[int, int | None], ImagePrediction] = {}  # (input, frame) -> mirror image's
         self.pending: dict[str, list[ReviewRow]] = {}
         self.done: dict[str, list[ReviewRow]] = {}
         self.store = None if state_dir is None else Path(state_dir) / STORE
@@ -161,20 +165,23 @@ class ReviewQueue:
             _rewrite_store(self.store, self.done)
         self.missing = len(reused - set(self.done))  # reused inputs without rows (the store was deleted)
 
-    def add(self, key: str, record: dict, result, decoded) -> None:
+    def predictor_for_run(self, predictor: Predictor) -> Predictor:
+        """The predictor the run should call: with `--review-flip`, one that predicts every batch
+        together with its mirror images."""
+        return MirroringPredictor(predictor, self.mirrored) if self.settings.flip else predictor
+
+    def add(self, key: str, record: dict, result: ImagePrediction, decoded: Decoded) -> None:
         """Score one image or frame: `record` holds its kept instances, `result` (ImagePrediction)
-        every detection the model found, `decoded` the image (for the flip pass)."""
+        every detection the model found, `decoded` the image it was found in."""
         below = [round(float(s), 5) for s in result.scores if s <= np.float32(self.score_thr)]
-        flip = self._flip(record, decoded) if self.settings.flip else None
+        flip = None
+        if self.settings.flip:
+            from segcli.engine.candidates import above
+
+            flipped = above(self.mirrored.pop((decoded.index, decoded.frame)), self.score_thr)
+            flip = flip_disagreement(record["instances"], flipped.rles, flipped.category_ids)
         row = review_row(record["file"], record["frame"], record["instances"], below, self.score_thr, flip)
         self.pending.setdefault(key, []).append(row)
-
-    def _flip(self, record: dict, decoded) -> float:
-        from segcli.engine.candidates import above
-
-        mirror = dataclasses.replace(decoded, image=np.ascontiguousarray(decoded.image[:, ::-1]))
-        flipped = above(self.predictor.predict([mirror])[0], self.score_thr)
-        return flip_disagreement(record["instances"], flipped.rles, flipped.category_ids)
 
     def input_done(self, key: str) -> None:
         rows = self.pending.pop(key, [])
@@ -190,6 +197,26 @@ class ReviewQueue:
     def write(self, keys: list[str]) -> None:
         """The CSV of every finished input, `keys` giving the input order that breaks ties."""
         write_csv(self.settings.path, [row for key in keys for row in self.done.get(key, [])])
+
+
+class MirroringPredictor:
+    """A Predictor that predicts each batch and its mirror images in one call (twice the batch:
+    batches never change an image's detections, see Predictor.predict), returns the batch's
+    results and leaves the mirror images' in `mirrored`, keyed by (input, frame)."""
+
+    def __init__(self, predictor: Predictor, mirrored: dict) -> None:
+        self._predictor = predictor
+        self._mirrored = mirrored
+
+    def __getattr__(self, name: str):
+        return getattr(self._predictor, name)
+
+    def predict(self, decoded: list[Decoded]) -> list[ImagePrediction]:
+        mirrors = [dataclasses.replace(d, image=np.ascontiguousarray(d.image[:, ::-1])) for d in decoded]
+        results = self._predictor.predict(list(decoded) + mirrors)
+        for d, mirrored in zip(decoded, results[len(decoded):]):
+            self._mirrored[(d.index, d.frame)] = mirrored
+        return results[:len(decoded)]
 
 
 def _read_store(path: Path) -> dict[str, list[ReviewRow]]:

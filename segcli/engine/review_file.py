@@ -9,8 +9,10 @@ review with the threshold the annotators will use (`--score-thr 0.5`) to get the
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 from segcli.engine.eval_inputs import _mask_rle, read_predictions
@@ -31,8 +33,11 @@ def run_review(options: ReviewFileOptions, stdin: Any = None, stdout: TextIO | N
     """Score every image of the file and write the CSV; returns the rows in file order."""
     if options.score_thr is not None and not 0.0 <= options.score_thr <= 1.0:
         raise UsageError(f"--score-thr must be between 0 and 1, got {options.score_thr}")
-    if options.out not in (None, "-") and str(options.out).endswith(("/",)):
-        raise UsageError(f"--out {options.out!r} is a folder; give a file name such as review.csv")
+    if options.out not in (None, "-"):
+        if Path(options.out).is_dir() or str(options.out).endswith(("/", os.sep)):
+            raise UsageError(f"--out {options.out!r} is a folder; give a file name such as review.csv")
+        if str(options.predictions) != "-" and os.path.realpath(options.out) == os.path.realpath(options.predictions):
+            raise UsageError(f"--out {options.out!r} is the predictions file; give the CSV a name of its own")
     data = read_predictions(options.predictions, "PRED", stdin=stdin)
     records, file_thr = as_records(data, f"PRED {options.predictions}")
     threshold = options.score_thr if options.score_thr is not None else (
