@@ -123,10 +123,16 @@ def test_low_scores_keep_a_track_alive_but_never_start_one():
 def test_a_lost_track_waits_buffer_frames_and_ids_are_never_reused():
     tracker = Tracker(TrackSettings(buffer=5), score_thr=0.5)
     assert step(tracker, 0, [(50, 50, 0.9, 1)]) == [1]
+    assert all(step(tracker, f, []) == [] for f in range(1, 5))  # missed in frames 1-4
     assert step(tracker, 5, [(50, 50, 0.9, 1)]) == [1]  # unseen for 5 frames: found again
+    assert all(step(tracker, f, []) == [] for f in range(6, 11))
     assert step(tracker, 11, [(50, 50, 0.9, 1)]) == [2]  # unseen for 6 > 5: a new object, a new id
     assert step(tracker, 12, [(50, 50, 0.9, 1), (120, 120, 0.9, 1)]) == [2, 3]
     assert step(tracker, 13, [(50, 50, 0.9, 3)]) == [4]  # another category at the same place: another object
+    # --track-buffer 0: a track ends at its first missed frame, whatever the stride.
+    tracker = Tracker(TrackSettings(buffer=0), score_thr=0.5)
+    assert [step(tracker, f, [(50, 50, 0.9, 1)]) for f in (0, 5, 10)] == [[1]] * 3
+    assert step(tracker, 15, []) == [] and step(tracker, 20, [(50, 50, 0.9, 1)]) == [2]
 
 
 def test_mask_iou_moves_the_mask_by_whole_pixels():

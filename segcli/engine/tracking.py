@@ -145,8 +145,10 @@ class Tracker:
                rles: list[dict]) -> np.ndarray:
         """Track ids of this frame's detections (0 for one that has none: below `--score-thr` and
         matched to no track). Every detection above `--score-thr` gets an id."""
-        # A track unseen for more than the buffer has ended; its id is not handed out again.
-        self.tracks = [t for t in self.tracks if frame - t.last_frame <= self.settings.buffer]
+        # A lost track (missed in the previous predicted frame) unseen for more than the buffer has
+        # ended; its id is not handed out again.
+        self.tracks = [t for t in self.tracks
+                       if t.last_frame == self.previous_frame or frame - t.last_frame <= self.settings.buffer]
         scores = np.asarray(scores)
         dets = FrameDetections(frame, np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(category_ids), rles)
         ids = np.zeros(len(scores), np.int64)
