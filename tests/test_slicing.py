@@ -10,6 +10,7 @@ synthetic shapes placed on the seams.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -588,3 +589,19 @@ def test_demo_model_finds_shapes_cut_by_seams_once(tmp_path):
     whole_masks = [mask_utils.decode(a["segmentation"]).astype(bool) for a in json.loads(whole.read_text())["annotations"]]
     found_whole = sum(max((mask_iou(m, t) for m in whole_masks), default=0) >= 0.75 for _, t in truth)
     assert found_whole < len(truth)
+
+
+def test_candidates_below_the_threshold_leave_sliced_results_unchanged(tmp_path):
+    """--review (and --track) run the model below --score-thr; in a sliced image those candidates
+    are merged apart from the kept detections, so the outputs are those of a plain run."""
+    image, _ = shapes_on_seams(11, 512, 768, 256, 0.2)
+    path = tmp_path / "seams.png"
+    cv2.imwrite(str(path), image[..., ::-1])
+    common = (str(path), "--weights", "shapes_demo", "--slice", "256", "--device", "cpu")
+    run_cli(*common, "--out", str(tmp_path / "plain.json"))
+    run_cli(*common, "--out", str(tmp_path / "reviewed.json"), "--review", str(tmp_path / "review.csv"))
+    with open(tmp_path / "review.csv", newline="") as handle:
+        (row,) = csv.DictReader(handle)
+    assert int(row["below_threshold"]) > 0  # there were candidates to keep apart
+    plain, reviewed = (json.loads((tmp_path / name).read_text()) for name in ("plain.json", "reviewed.json"))
+    assert plain["annotations"] == reviewed["annotations"] and len(plain["annotations"]) >= 10

@@ -7,6 +7,7 @@ from segcli.cli import train  # noqa: F401
 from segcli.cli import evaluate  # noqa: F401
 from segcli.cli import export  # noqa: F401
 from segcli.cli import merge  # noqa: F401
+from segcli.cli import review  # noqa: F401
 
 
 def main() -> None:

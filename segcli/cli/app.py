@@ -68,4 +68,4 @@ def _root(
     version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
                                  help="Print the version of segcli and exit."),
 ) -> None:
-    """Subcommands: predict, train, eval, export, merge."""
+    """Subcommands: predict, train, eval, export, merge, review."""

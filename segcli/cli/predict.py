@@ -77,6 +77,28 @@ def predict(
     ray_address: Optional[str] = typer.Option(None, metavar="ADDRESS",
                                               help="Ray cluster to join (auto, HOST:PORT, ray://HOST:PORT); implies --ray."),
     ray_actors: Optional[int] = typer.Option(None, help="With --ray: model replicas (default one per GPU, else one per 4 CPUs)."),
+    track: bool = typer.Option(
+        False, "--track", help="Give each instance in a video frame a track_id, the same for one object in every frame."
+    ),
+    track_low_thr: Optional[float] = typer.Option(
+        None, help="With --track: detections above this (default 0.1) but not above --score-thr continue tracks "
+                   "(ByteTrack's second stage); they are not written."
+    ),
+    track_buffer: Optional[int] = typer.Option(
+        None, help="With --track: video frames a lost track is kept to be found again (default 30)."
+    ),
+    track_iou: Optional[float] = typer.Option(
+        None, help="With --track: a track and a detection match when the mean of their box and mask IoU is above this "
+                   "(default 0.2, as ByteTrack)."
+    ),
+    review: Optional[str] = typer.Option(
+        None, help="Also write a review queue to this CSV: every image and frame scored by how much a person should "
+                   "look at it, worst first."
+    ),
+    review_flip: bool = typer.Option(
+        False, "--review-flip", help="With --review: also predict each image mirrored and score the disagreement "
+                                     "(a second forward pass per image)."
+    ),
 ) -> None:
     """Predict instance masks for images and videos and write them as COCO, JSON Lines, GeoJSON,
     LabelMe, YOLO or PNG; data goes to stdout only, logs and progress to stderr."""
@@ -89,8 +111,10 @@ def predict(
         batch_size=batch_size, score_thr=score_thr, max_det=max_det, format=format, workers=workers, quiet=quiet,
         masks=masks, poly_tolerance=poly_tolerance, classes=classes, vid_stride=vid_stride, overlay=overlay,
         resume=resume, slice=slice, overlap=overlap, slice_merge=slice_merge, slice_match=slice_match,
-        slice_match_thr=slice_match_thr, slice_whole=slice_whole, shard=shard, ray=ray_address if ray_address is not None else ("" if ray else None),
-        ray_actors=ray_actors,
+        slice_match_thr=slice_match_thr, slice_whole=slice_whole, shard=shard,
+        ray=ray_address if ray_address is not None else ("" if ray else None), ray_actors=ray_actors,
+        track=_track_settings(track, track_low_thr, track_buffer, track_iou),
+        review=_review_settings(review, review_flip),
     )
     quiet = options.quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun rank 0 reports for all
     # Pillow warns about oddities it recovers from ("Corrupt EXIF data"); segcli reports what
@@ -110,6 +134,29 @@ def predict(
             print(f"  {escaped(path)}: {escaped(reason)}", file=sys.stderr)
     if summary.failures:
         raise typer.Exit(int(ExitCode.SOME_INPUTS_FAILED))
+
+
+def _track_settings(track: bool, low_thr: Optional[float], buffer: Optional[int], iou: Optional[float]):
+    from segcli.engine.tracking import TrackSettings
+
+    given = {"low_thr": low_thr, "buffer": buffer, "min_similarity": iou}
+    flags = {"low_thr": "--track-low-thr", "buffer": "--track-buffer", "min_similarity": "--track-iou"}
+    if not track:
+        for name, value in given.items():
+            if value is not None:
+                fail(UsageError(f"{flags[name]} needs --track"))
+        return None
+    return TrackSettings(**{name: value for name, value in given.items() if value is not None})
+
+
+def _review_settings(path: Optional[str], flip: bool):
+    from segcli.engine.review import ReviewSettings
+
+    if path is None:
+        if flip:
+            fail(UsageError("--review-flip needs --review FILE"))
+        return None
+    return ReviewSettings(path, flip)
 
 
 def _interrupt(signum, frame) -> None:

@@ -31,10 +31,13 @@ from segcli.atomic import atomic_write
 from segcli.data.decode import Decoded, InputDone, iter_decoded
 from segcli.data.georef import GeoReader
 from segcli.data.sources import InputItem, expand_sources
+from segcli.engine.candidates import above, model_threshold
 from segcli.engine.device import prepare_for_inference, resolve_device, resolve_precision
 from segcli.engine.progress import Progress
+from segcli.engine.review import ReviewQueue, ReviewSettings, check_review_path
 from segcli.engine.shards import ShardRun, ShardSpec
 from segcli.engine.slicing import SlicedPredictor, SliceSettings
+from segcli.engine.tracking import TrackSettings, VideoTracks, add_track_ids
 from segcli.errors import UsageError
 from segcli.model.build import model_from_checkpoint
 from segcli.model.maskrcnn import Detections, MaskRCNN
@@ -92,6 +95,8 @@ class PredictOptions:
     rank: ShardSpec | None = None  # under torchrun: this process's slice, set by segcli.engine.torchrun_predict
     ray: str | None = None  # run on Ray: "" for ray.init()'s own choice, else a cluster address
     ray_actors: int | None = None  # with ray: model replicas (None: one per GPU, else one per 4 CPUs)
+    track: TrackSettings | None = None  # --track: ids across video frames (segcli.engine.tracking)
+    review: ReviewSettings | None = None  # --review: the review-queue CSV (segcli.engine.review)
 
 
 @dataclass
@@ -324,6 +329,13 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
         return run_ranks(options, stdin, stderr)
     plan = plan_output(options)
     slicing = SliceSettings.of(options)
+    if options.track is not None:
+        options.track.validate(options.score_thr)
+    if options.review is not None:
+        check_review_path(options.review)
+    if options.ray is not None and (options.track is not None or options.review is not None):
+        raise UsageError(f"{'--track' if options.track is not None else '--review'} runs in one process, not on Ray: "
+                         f"use --shard K/N or torchrun to spread it")
     ignored: Counter[str] = Counter()
     items = expand_sources(options.sources, stdin=stdin, ignored=ignored)
     stems = output_stems(items)
@@ -352,7 +364,7 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
                 predictor = driver_model(options, show_progress)  # Ray importable, the model loads here
             else:
                 predictor = Predictor.load(options.weights, options.arch, options.device, options.precision,
-                                           options.score_thr, options.max_det, progress=show_progress,
+                                           model_threshold(options), options.max_det, progress=show_progress,
                                            classes=options.classes)
         except BaseException:
             if created is not None:  # a run that never started leaves no empty state folder behind
@@ -361,8 +373,9 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
         if options.ray is not None:  # the actors slice with the same settings (ray_predict.ActorSettings)
             summary = run_on_ray(options, plan, predictor, items, stems, keys, todo, journal, stderr, show_progress)
         else:
-            if slicing is not None:
-                predictor = SlicedPredictor(predictor, slicing, options.max_det, options.batch_size)
+            if slicing is not None:  # candidates below --score-thr are merged apart (SlicedPredictor.keep_thr)
+                predictor = SlicedPredictor(predictor, slicing, options.max_det, options.batch_size,
+                                            keep_thr=options.score_thr)
             run = _Run(options, plan, predictor, items, stems, keys, todo, journal, stderr, show_progress)
             summary = run.go()
         summary.reused = len(items) - len(todo)
@@ -392,7 +405,7 @@ def fingerprint(options: PredictOptions, plan: OutputPlan) -> dict:
         precision = resolve_precision(options.precision, resolve_device(options.device))
     except Exception:  # reported properly by Predictor.load
         precision = options.precision
-    return {
+    settings = {
         "weights": _weights_identity(options.weights),
         "arch": options.arch,
         "precision": str(precision),
@@ -406,6 +419,12 @@ def fingerprint(options: PredictOptions, plan: OutputPlan) -> dict:
         "overlay": os.path.abspath(options.overlay) if options.overlay else None,
         "slice": None if (slicing := SliceSettings.of(options)) is None else slicing.fingerprint(),
     }
+    # Only when on, so that outputs made before these options existed still resume.
+    if options.track is not None:
+        settings["track"] = options.track.fingerprint()
+    if options.review is not None:
+        settings["review"] = options.review.fingerprint()
+    return settings
 
 
 def _weights_identity(spec: str) -> str:
@@ -444,6 +463,15 @@ class _Run:
         self.stdout_lines = JsonlWriter(sys.stdout.buffer) if plan.out is None and plan.format == "jsonl" else None
         self.signatures = {i: Signature.of(items[i].path) for i in todo}
         self.files: dict[int, list[str]] = {}  # per-image outputs of the video in progress
+        self.tracks = VideoTracks(options.track, options.score_thr) if options.track is not None else None
+        self.review = None
+        if options.review is not None:
+            reused = set(keys) - {keys[i] for i in todo}
+            self.review = ReviewQueue(options.review, options.score_thr, plan.state_dir, options.resume, reused)
+            self.predictor = self.review.predictor_for_run(predictor)  # --review-flip: mirror images too
+            if self.review.missing:
+                self.warn(f"--review: {self.review.missing} inputs done by the earlier run have no review rows "
+                          f"(its review store is gone); run without --resume to review them")
         self.info = {
             "description": "segcli predictions",
             "version": __version__,
@@ -497,12 +525,20 @@ class _Run:
     def _result(self, index: int, decoded: Decoded, result: ImagePrediction) -> int:
         """Handle one image or frame result; returns 1 when that completed an input."""
         item, stem = self.items[index], self.stems[index]
+        found = result  # with --track or --review, also the detections below --score-thr (engine.candidates)
+        if self.tracks is not None or self.review is not None:
+            result = above(found, self.options.score_thr)
         geo = self.georef.read(item.path, result.width, result.height) if self.georef and result.frame is None else None
         record = build_record(item.file_name, result.frame, result.timestamp, result.width, result.height,
                               result.boxes, result.scores, result.category_ids, result.rles, self.category_names,
                               self.options.poly_tolerance if self.plan.polygons else None,
                               pixel_centres=self.per_image is not None and self.per_image.pixel_centres,
                               geo=geo.as_record() if geo else None)
+        if self.tracks is not None and result.frame is not None:
+            add_track_ids(record, self.tracks.assign(index, found.frame, found.boxes, found.scores,
+                                                     found.category_ids, found.rles))
+        if self.review is not None:
+            self.review.add(self.keys[index], record, found, decoded)
         files = self.files.setdefault(index, [])
         if self.per_image is not None:
             files += _absolute(self.plan.out, self.per_image.write(Target(record, frame_stem(stem, result.frame), item.path)))
@@ -526,6 +562,8 @@ class _Run:
         return 1
 
     def _video_done(self, index: int, event: InputDone) -> int:
+        if self.tracks is not None:
+            self.tracks.finish(index)
         if event.note:
             self.summary.notes.append((str(self.items[index].path), event.note))
             self.warn(f"{self.items[index].path}: {event.note}")
@@ -536,6 +574,8 @@ class _Run:
 
     def _done(self, index: int) -> None:
         files = self.files.pop(index, [])
+        if self.review is not None:
+            self.review.input_done(self.keys[index])  # before the journal's mark, so --resume finds its rows
         signature = self.signatures.get(index)
         if self.journal is not None and signature is not None:
             self.journal.done(self.keys[index], signature, files)
@@ -545,12 +585,18 @@ class _Run:
         self.summary.failures.append((path, reason))
         self.warn(f"skipped {path}: {reason}", always=True)
         self.files.pop(index, None)
+        if self.tracks is not None:
+            self.tracks.finish(index)
+        if self.review is not None:
+            self.review.forget(self.keys[index])
         if self.journal is not None:
             self.journal.forget_pending(self.keys[index])
         return 1
 
     def _assemble(self) -> None:
         """Write the one-file output from the journal: every done input, in input order."""
+        if self.review is not None:
+            self.review.write(self.keys)
         plan = self.plan
         if plan.per_image or self.journal is None:
             return
@@ -595,6 +641,8 @@ def _refuse_overwrites(options: PredictOptions, plan: OutputPlan, items: list[In
                  for item, stem in zip(items, stems) if not item.is_video for suffix in suffixes]
         if plan.format == "yolo":
             files.append(Output("--out", plan.out / "data.yaml", given=options.out))
+    if options.review is not None:
+        outputs.append(Output("--review", Path(options.review.path)))
     if options.overlay is not None:
         root = Path(options.overlay)
         outputs.append(Output("--overlay", root, folder=True))

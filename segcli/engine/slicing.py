@@ -117,12 +117,18 @@ def _starts(length: int, tile: int, overlap: float) -> list[int]:
 
 class SlicedPredictor:
     """A Predictor (segcli.engine.predict) that slices the images `settings` says are too large;
-    other images, and every other attribute, go to the wrapped predictor unchanged."""
+    other images, and every other attribute, go to the wrapped predictor unchanged.
 
-    def __init__(self, predictor: Any, settings: SliceSettings, max_det: int, batch_size: int | None = None) -> None:
+    `keep_thr`: when the model runs below the run's `--score-thr` (candidates for --track and
+    --review, segcli.engine.candidates), the pieces above it and those below are merged apart, so
+    that a candidate never joins a kept detection: what is kept is what a run without them keeps."""
+
+    def __init__(self, predictor: Any, settings: SliceSettings, max_det: int, batch_size: int | None = None,
+                 keep_thr: float | None = None) -> None:
         self.predictor = predictor
         self.settings = settings
         self.max_det = max_det
+        self.keep_thr = keep_thr
         # As the run batches images: 8 tiles per forward pass on a GPU, 1 on a CPU.
         self.tile_batch = batch_size or (8 if predictor.device.type == "cuda" else 1)
 
@@ -157,8 +163,13 @@ class SlicedPredictor:
                 pieces += self._pieces(detections, k, start + k, window, (height, width))
         if self.settings.whole_image:
             pieces += self._whole_image_pieces(image)
-        merged = merge_pieces(pieces, (height, width), self.settings.merge, self.settings.match,
-                              self.settings.match_threshold)[: self.max_det]
+        if self.keep_thr is None:
+            merged = self._merge(pieces, height, width)
+        else:
+            kept = [p.score > np.float32(self.keep_thr) for p in pieces]
+            merged = (self._merge([p for p, k in zip(pieces, kept) if k], height, width)
+                      + self._merge([p for p, k in zip(pieces, kept) if not k], height, width))
+        merged = merged[: self.max_det]
         return ImagePrediction(
             item=decoded.item,
             width=width,
@@ -170,6 +181,10 @@ class SlicedPredictor:
             frame=decoded.frame,
             timestamp=decoded.timestamp,
         )
+
+    def _merge(self, pieces: list[Piece], height: int, width: int) -> list:
+        return merge_pieces(pieces, (height, width), self.settings.merge, self.settings.match,
+                            self.settings.match_threshold) if pieces else []
 
     def _run(self, images: list[np.ndarray]):
         from segcli.engine.predict import collate

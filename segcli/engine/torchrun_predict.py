@@ -45,6 +45,9 @@ def run_ranks(options, stdin: TextIO | None, stderr: TextIO):
     dist = dist_from_env()
     if options.ray is not None:
         raise UsageError("--ray and torchrun both spread the work; use one")
+    if options.review is not None:  # every rank would write its own part of the queue over the others'
+        raise UsageError("--review under torchrun: predict with a lower --score-thr, then rank the output "
+                         "with segcli review")
     if "-" in options.sources:
         raise UsageError("under torchrun every rank reads the SOURCEs: give the paths in a .txt list, not on stdin (-)")
     plan = plan_output(options)

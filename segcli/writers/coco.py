@@ -162,11 +162,17 @@ class CocoWriter:
             rings = [[v for point in polygon[0][:-1] for v in point] for polygon in instance.get("polygons", [])]
             segmentation = rings or segmentation
         if self.results_only:
-            return {"image_id": image_id, "category_id": category_id, "bbox": instance["bbox"],
-                    "score": instance["score"], "segmentation": segmentation}
-        return {"id": annotation_id, "image_id": image_id, "category_id": category_id, "bbox": instance["bbox"],
-                "area": float(instance["area"]), "segmentation": segmentation, "score": instance["score"],
-                "iscrowd": 0}
+            annotation = {"image_id": image_id, "category_id": category_id, "bbox": instance["bbox"],
+                          "score": instance["score"], "segmentation": segmentation}
+        else:
+            annotation = {"id": annotation_id, "image_id": image_id, "category_id": category_id,
+                          "bbox": instance["bbox"], "area": float(instance["area"]), "segmentation": segmentation,
+                          "score": instance["score"], "iscrowd": 0}
+        if "track_id" in instance:  # --track: as CVAT exports video tracks to COCO (and imports them back)
+            annotation["track_id"] = instance["track_id"]
+            if not self.results_only:
+                annotation["attributes"] = {"track_id": instance["track_id"], "keyframe": True}
+        return annotation
 
     def _annotation(
         self, annotation_id: int, image_id: int, box: np.ndarray, score: float, category_id: int, rle: dict, area

@@ -53,6 +53,8 @@ class GeoJsonWriter:
                     "bbox": instance["bbox"], "area": instance["area"],
                 },
             }
+            if "track_id" in instance:
+                feature["properties"]["track_id"] = instance["track_id"]
             self._out.write((b"," if self._count else b"") + json.dumps(
                 feature, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
             self._count += 1

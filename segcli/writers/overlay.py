@@ -40,7 +40,8 @@ def draw(image_rgb: np.ndarray, record: dict) -> np.ndarray:
     instances = record["instances"]
     for rank in range(len(instances) - 1, -1, -1):
         instance = instances[rank]
-        colour = instance_colour(rank)
+        track_id = instance.get("track_id")
+        colour = instance_colour(rank if track_id is None else track_id)  # --track: one colour per track
         crop = rle_to_crop(instance["segmentation"])  # the mask's crop: no image-size mask per instance
         region = canvas[crop.y0:crop.y1, crop.x0:crop.x1]
         region[crop.mask] = (region[crop.mask] * (1 - _ALPHA) + np.array(colour) * _ALPHA).astype(np.uint8)
@@ -48,6 +49,8 @@ def draw(image_rgb: np.ndarray, record: dict) -> np.ndarray:
         top_left = (int(round(x)), int(round(y)))
         cv2.rectangle(canvas, top_left, (int(round(x + w)), int(round(y + h))), colour, thickness)
         label = f"{instance['category_name']} {instance['score']:.2f}"
+        if track_id is not None:
+            label = f"#{track_id} {label}"
         (text_w, text_h), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         label_y = top_left[1] - 2 if top_left[1] - text_h - base - 2 >= 0 else top_left[1] + text_h + 2
         cv2.rectangle(canvas, (top_left[0], label_y - text_h - 2), (top_left[0] + text_w + 2, label_y + base - 1),

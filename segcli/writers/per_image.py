@@ -32,7 +32,8 @@ class Target:
 
 class LabelMeWriter:
     """One LabelMe JSON per image: a polygon shape per mask part; parts of one instance share a
-    `group_id` (the instance's rank, best score first); the score is in the shape's description.
+    `group_id` (the instance's rank, best score first; with --track, its track id, so one object keeps
+    its group across a video's frames); the score is in the shape's description.
     Vertices are pixel centres (LabelMe fills polygons with Pillow; segcli.writers.polygons). An
     instance whose mask has no part big enough for a polygon is a `rectangle` shape of its box."""
 
@@ -53,7 +54,7 @@ class LabelMeWriter:
                 shapes.append({
                     "label": instance["category_name"],
                     "points": points.tolist(),
-                    "group_id": group,
+                    "group_id": instance.get("track_id", group),
                     "description": f"score={instance['score']}",
                     "shape_type": shape_type,
                     "flags": {},
@@ -109,9 +110,10 @@ class YoloWriter:
 
 
 class PngWriter:
-    """`<stem>.instances.png` (16-bit: 0 background, k for the k-th instance by score) and
-    `<stem>.classes.png` (8-bit: 0 background, else the category id). Where masks overlap, the
-    higher-scoring instance owns the pixel."""
+    """`<stem>.instances.png` (16-bit: 0 background, k for the k-th instance by score; with --track,
+    the instance's track id, as MOTS-style video masks number objects) and `<stem>.classes.png`
+    (8-bit: 0 background, else the category id). Where masks overlap, the higher-scoring instance
+    owns the pixel."""
 
     suffixes = (".instances.png", ".classes.png")
     pixel_centres = False  # paints the RLE masks; polygons unused
@@ -135,7 +137,7 @@ class PngWriter:
         for rank in range(len(record["instances"]), 0, -1):
             instance = record["instances"][rank - 1]
             crop = rle_to_crop(instance["segmentation"])
-            instances[crop.y0:crop.y1, crop.x0:crop.x1][crop.mask] = rank
+            instances[crop.y0:crop.y1, crop.x0:crop.x1][crop.mask] = _instance_value(instance, rank)
             classes[crop.y0:crop.y1, crop.x0:crop.x1][crop.mask] = instance["category_id"]
         written = []
         for name, array in zip(self.suffixes, (instances, classes)):
@@ -156,6 +158,17 @@ def _box_corners(instance: dict) -> np.ndarray:
     left, top = round(x), round(y)
     right, bottom = max(left, round(x + w) - 1), max(top, round(y + h) - 1)
     return np.array([[left, top], [right, top], [right, bottom], [left, bottom]], dtype=np.float64)
+
+
+def _instance_value(instance: dict, rank: int) -> int:
+    track_id = instance.get("track_id")
+    if track_id is None:
+        return rank
+    if track_id > 65535:
+        from segcli.errors import UsageError
+
+        raise UsageError(f"--format png holds track ids up to 65535 in 16 bits; this video has track {track_id}")
+    return track_id
 
 
 def _relative_to(path: Path, folder: Path) -> str:

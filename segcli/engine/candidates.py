@@ -1,0 +1,51 @@
+"""Detections below `--score-thr`, for the features that need them: `--track`'s second stage and
+`--review`'s near-threshold count.
+
+The model then runs with the lower threshold, and each result is cut back to the detections above
+`--score-thr` before any format sees it. A box can only be suppressed by a higher-scoring box, so
+lowering the threshold (applied before NMS, see segcli.model.roi_heads) leaves the detections above
+`--score-thr` exactly as they were: every output holds the same instances with or without these
+features. What it costs is mask work on the extra detections (benchmarks/track_review_cost.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from segcli.engine.review import REVIEW_BAND
+
+if TYPE_CHECKING:
+    from segcli.engine.predict import ImagePrediction, PredictOptions
+
+
+def model_threshold(options: PredictOptions) -> float:
+    """The score threshold the model runs with: `--score-thr`, or lower when
+    `--track` or `--review` need candidates below it. Exported models keep `--score-thr` (their
+    files were made with a threshold of their own, which they cannot go below); an invalid
+    `--score-thr` is passed on unchanged, for the model loader to report as given."""
+    from segcli.export.runtime import exported_format
+
+    score_thr = options.score_thr
+    if options.track is None and options.review is None:
+        return score_thr
+    if not 0.0 <= score_thr <= 1.0 or exported_format(options.weights) is not None:
+        return score_thr
+    floor = score_thr
+    if options.track is not None:
+        floor = min(floor, options.track.low_thr)
+    if options.review is not None:
+        floor = min(floor, score_thr - REVIEW_BAND)
+    return max(floor, 0.0)
+
+
+def above(result: ImagePrediction, score_thr: float) -> ImagePrediction:
+    """An ImagePrediction cut to the detections scoring above `score_thr` (order kept)."""
+    keep = np.asarray(result.scores) > np.float32(score_thr)  # float32, as the model compares
+    if keep.all():
+        return result
+    return dataclasses.replace(result, boxes=result.boxes[keep], scores=result.scores[keep],
+                               category_ids=result.category_ids[keep],
+                               rles=[rle for rle, k in zip(result.rles, keep) if k])
