@@ -148,3 +148,19 @@ def test_train_weights_none_is_random_initialization(shapes, tmp_path):
         states.append(checkpoint["model"])
     for other in states[1:]:
         assert all(torch.equal(states[0][key], other[key]) for key in states[0])
+
+
+def test_the_command_list_gives_each_summary_unbroken():
+    """`segcli --help` lists each subcommand's first paragraph as running text, not cut where its
+    docstring's lines end."""
+    import inspect
+
+    import typer
+
+    group = typer.main.get_command(app)
+    result = CliRunner().invoke(app, ["--help"], terminal_width=400, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    rows = [" ".join(line.strip("│ ").split()) for line in result.output.splitlines()]
+    for name, command in group.commands.items():
+        summary = " ".join(inspect.cleandoc(command.help).split("\n\n")[0].split())
+        assert any(row == f"{name} {summary}" for row in rows), (name, summary, result.output)

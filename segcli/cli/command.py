@@ -3,6 +3,7 @@ values are refused before a command runs, how help shows flags, and what a close
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import signal
@@ -35,6 +36,12 @@ class SegcliCommand(_FlagsShowNoType, TyperCommand):
     mean are refused as usage errors: an empty string (`--out "$UNSET"`), a number that is not
     finite (`nan`, `inf`, `1e400`), an integer beyond 64 bits. Each option's own range is checked
     by its engine."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.short_help is None and self.help:
+            # `segcli --help` lists the first paragraph; as one line, not broken where the docstring is.
+            self.short_help = " ".join(inspect.cleandoc(self.help).split("\n\n")[0].split())
 
     def invoke(self, ctx: Any) -> Any:
         for param in self.params:
