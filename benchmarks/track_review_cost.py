@@ -13,7 +13,12 @@ Cases (the baseline first in each):
   between --track-low-thr (0.1) and --score-thr, which only the tracker sees.
 - `video, demo model`: the moving-shapes video (examples/moving_shapes.py), shapes_demo.
 - `images, demo model`: synthetic shapes; none, --review, --review --review-flip (a second pass).
-- `photos, seeded model`: coco_tiny's real photos; none, --review (the model runs 0.25 lower).
+- `photos, seeded model`: coco_tiny's real photos; none, --review (the model runs 0.25 lower; the
+  candidates it then finds get no mask, so what they cost is the box stage's work on them).
+
+Measured on the 2-core CPU (2 rounds, quiet): --track costs 1.00x with the demo model and 1.98x
+with the seeded one (100 candidates a frame, each masked for the tracker's second stage);
+--review 0.97x and 1.01x (1.96x before the candidates went without masks); --review-flip 2.08x.
 
 Printed per variant: wall time and this process's CPU time per frame or image, each against the
 first line (x > 1: costlier); `own`, the time inside the tracker or the review queue themselves

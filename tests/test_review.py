@@ -146,6 +146,27 @@ def test_review_of_a_predictions_file_gives_the_rows_of_predict_review(shapes_re
             assert from_file[name]["flip"] == ""  # a file cannot say what the mirror image would give
 
 
+def test_review_leaves_the_outputs_unchanged_and_masks_only_what_is_written(shapes_review, tmp_path, monkeypatch):
+    """The candidates below --score-thr that --review counts get no mask: the mask head runs on
+    the written detections alone, and they come out as without --review."""
+    from segcli.model.roi_heads import RoIHeads
+
+    root, _ = shapes_review
+    masked: list[int] = []
+    original = RoIHeads.mask_probabilities
+    monkeypatch.setattr(RoIHeads, "mask_probabilities",
+                        lambda self, pyramid, found: masked.append(len(found.scores)) or original(self, pyramid, found))
+    settings = dict(weights="shapes_demo", device="cpu", precision="fp32", workers=0, progress=False, quiet=True)
+    run_predict(PredictOptions(sources=[str(root / "images")], out=str(tmp_path / "plain.json"), **settings))
+    plain_masks, masked[:] = sum(masked), []
+    run_predict(PredictOptions(sources=[str(root / "images")], out=str(tmp_path / "reviewed.json"),
+                               review=ReviewSettings(str(tmp_path / "review.csv")), **settings))
+    plain, reviewed = (json.loads((tmp_path / n).read_text())["annotations"] for n in ("plain.json", "reviewed.json"))
+    assert reviewed == plain == json.loads((root / "at50.json").read_text())["annotations"]
+    assert sum(masked) == plain_masks == len(plain)
+    assert sum(int(row["below_threshold"]) for row in read_rows(tmp_path / "review.csv")) > 0  # candidates were there
+
+
 # -- the flip check, with stand-in models --------------------------------------------------------
 
 class BlobModel:

@@ -5,7 +5,9 @@ The model then runs with the lower threshold, and each result is cut back to the
 `--score-thr` before any format sees it. A box can only be suppressed by a higher-scoring box, so
 lowering the threshold (applied before NMS, see segcli.model.roi_heads) leaves the detections above
 `--score-thr` exactly as they were: every output holds the same instances with or without these
-features. What it costs is mask work on the extra detections (benchmarks/track_review_cost.py).
+features. What it costs is mask work on the extra detections (benchmarks/track_review_cost.py),
+and only for `--track`, whose second stage compares the candidates' masks: `--review` reads their
+scores alone, so with `--review` only the model gives them no mask (`masks_above`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,14 @@ def model_threshold(options: PredictOptions) -> float:
     if options.review is not None:
         floor = min(floor, score_thr - REVIEW_BAND)
     return max(floor, 0.0)
+
+
+def masks_above(options: PredictOptions) -> float | None:
+    """The score at or below which detections need no mask (Predictor.masks_above), or None
+    when every detection the model returns needs one."""
+    if options.track is not None or model_threshold(options) >= options.score_thr:
+        return None
+    return options.score_thr
 
 
 def above(result: ImagePrediction, score_thr: float) -> ImagePrediction:

@@ -31,7 +31,7 @@ from segcli.atomic import atomic_write
 from segcli.data.decode import Decoded, InputDone, iter_decoded
 from segcli.data.georef import GeoReader
 from segcli.data.sources import InputItem, expand_sources
-from segcli.engine.candidates import above, model_threshold
+from segcli.engine.candidates import above, masks_above, model_threshold
 from segcli.engine.device import prepare_for_inference, resolve_device, resolve_precision
 from segcli.engine.progress import Progress
 from segcli.engine.review import ReviewQueue, ReviewSettings, check_review_path
@@ -138,6 +138,9 @@ class Predictor:
         self.label_to_category = torch.tensor(checkpoint.label_to_category_id)
         # Models that cannot restrict their labels (exported ones) are filtered after the fact.
         self.category_ids = None if category_ids is None else torch.tensor(sorted(category_ids))
+        # Detections scoring at most this get an empty mask, unpasted (MaskRCNN.forward's
+        # masks_above): candidates read for their scores alone (--review without --track).
+        self.masks_above: float | None = None
 
     @classmethod
     def load(cls, weights: str, arch: str | None, device: str, precision: str, score_thr: float, max_det: int,
@@ -185,7 +188,11 @@ class Predictor:
         results: list[ImagePrediction | None] = [None] * len(decoded)
         for indices in groups.values():
             batch, sizes = collate([decoded[i].image for i in indices], pin=self.device.type == "cuda")
-            detections = self.model(batch.to(self.device, non_blocking=True), sizes)
+            images = batch.to(self.device, non_blocking=True)
+            if self.masks_above is None:
+                detections = self.model(images, sizes)
+            else:
+                detections = self.model(images, sizes, masks_above=self.masks_above)
             for position, index in enumerate(indices):
                 results[index] = self._image_result(detections, position, decoded[index])
         return results
@@ -193,17 +200,25 @@ class Predictor:
     def _image_result(self, detections: Detections, index: int, decoded: Decoded) -> ImagePrediction:
         rows = detections.rows(index)
         height, width = detections.image_sizes[index]
-        masks = detections.paste_masks(index).cpu().numpy()
+        scores = detections.scores[rows].cpu().numpy()
+        if self.masks_above is None:
+            rles = encode_masks(detections.paste_masks(index).cpu().numpy())
+        else:  # scores descend within an image: the detections with masks come first
+            masked = int((scores > np.float32(self.masks_above)).sum())
+            rles = encode_masks(detections.paste_masks(index, count=masked).cpu().numpy())
+            if masked < len(scores):
+                empty = encode_masks(np.zeros((1, width, height), bool))[0]
+                rles += [dict(empty) for _ in range(len(scores) - masked)]
         category_ids = self.label_to_category[detections.labels[rows].cpu()]
-        keep = slice(None) if self.category_ids is None else torch.isin(category_ids, self.category_ids).numpy()
+        keep = np.ones(len(scores), bool) if self.category_ids is None else torch.isin(category_ids, self.category_ids).numpy()
         return ImagePrediction(
             item=decoded.item,
             width=width,
             height=height,
             boxes=detections.boxes[rows].cpu().numpy()[keep],
-            scores=detections.scores[rows].cpu().numpy()[keep],
+            scores=scores[keep],
             category_ids=category_ids.numpy()[keep],
-            rles=encode_masks(masks[keep]),
+            rles=[rle for rle, kept in zip(rles, keep) if kept],
             frame=decoded.frame,
             timestamp=decoded.timestamp,
         )
@@ -373,6 +388,7 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
         if options.ray is not None:  # the actors slice with the same settings (ray_predict.ActorSettings)
             summary = run_on_ray(options, plan, predictor, items, stems, keys, todo, journal, stderr, show_progress)
         else:
+            predictor.masks_above = masks_above(options)
             if slicing is not None:  # candidates below --score-thr are merged apart (SlicedPredictor.keep_thr)
                 predictor = SlicedPredictor(predictor, slicing, options.max_det, options.batch_size,
                                             keep_thr=options.score_thr)

@@ -36,9 +36,10 @@ class Detections:
     def rows(self, image: int) -> Tensor:
         return torch.nonzero(self.image_index == image).squeeze(1)
 
-    def paste_masks(self, image: int, threshold: float = 0.5) -> Tensor:
-        """Bool masks [n, W, H] of image `image`, stored transposed for RLE encoding."""
-        rows = self.rows(image)
+    def paste_masks(self, image: int, threshold: float = 0.5, count: int | None = None) -> Tensor:
+        """Bool masks [n, W, H] of image `image`, stored transposed for RLE encoding; of its first
+        `count` detections only, when given."""
+        rows = self.rows(image)[:count]
         height, width = self.image_sizes[image]
         return paste_masks_transposed(self.mask_probs[rows], self.boxes[rows], height, width, threshold)
 
@@ -62,8 +63,11 @@ class MaskRCNN(nn.Module):
         return torch.autocast(device_type, dtype=dtype)
 
     @torch.inference_mode()
-    def forward(self, images: Tensor, sizes: list[tuple[int, int]]) -> Detections:
-        """images: [B, Hmax, Wmax, 3] uint8 on the model's device, image i in [:h_i, :w_i]."""
+    def forward(self, images: Tensor, sizes: list[tuple[int, int]], masks_above: float | None = None) -> Detections:
+        """images: [B, Hmax, Wmax, 3] uint8 on the model's device, image i in [:h_i, :w_i].
+
+        `masks_above`: only detections scoring above it get a mask; the others' probabilities are
+        all zero. For candidates whose scores alone are read (`--review` without `--track`)."""
         batch = prepare_batch(images, sizes, self.resize)
         x = batch.tensor
         if self.is_channels_last:
@@ -76,7 +80,10 @@ class MaskRCNN(nn.Module):
             # The last level ("pool") only feeds the RPN.
             pyramid = RoIPyramid(features[:-1], tuple(x.shape[-2:]), self.pool_dtype)
             flat = self.roi_heads.detect(pyramid, proposals.boxes, proposals.valid, resized)
-            mask_probs = self.roi_heads.mask_probabilities(pyramid, flat)
+            if masks_above is None:
+                mask_probs = self.roi_heads.mask_probabilities(pyramid, flat)
+            else:
+                mask_probs = self._masks_above(pyramid, flat, masks_above)
         return Detections(
             boxes=self.to_original(flat, batch),
             scores=flat.scores,
@@ -85,6 +92,14 @@ class MaskRCNN(nn.Module):
             image_index=flat.image_index,
             image_sizes=batch.original_sizes,
         )
+
+    def _masks_above(self, pyramid: RoIPyramid, flat: FlatDetections, threshold: float) -> Tensor:
+        wanted = flat.scores > threshold
+        chosen = FlatDetections(flat.boxes[wanted], flat.scores[wanted], flat.labels[wanted], flat.image_index[wanted])
+        probs = self.roi_heads.mask_probabilities(pyramid, chosen)
+        mask_probs = probs.new_zeros((flat.boxes.shape[0], *probs.shape[1:]))
+        mask_probs[wanted] = probs
+        return mask_probs
 
     def padded_input_size(self, height: int, width: int) -> tuple[int, int]:
         """Network input size of an image of this size when it runs alone."""
