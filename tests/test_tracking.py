@@ -20,9 +20,10 @@ from typer.testing import CliRunner
 from segcli.cli import app
 from segcli.engine import predict as engine
 from segcli.engine.predict import PredictOptions, run_predict
-from segcli.engine.tracking import MaskCrop, Tracker, TrackSettings
+from segcli.engine.tracking import Tracker, TrackSettings
 from segcli.errors import UsageError
 from segcli.ops.assignment import match, min_cost_assignment
+from segcli.ops.rle_crops import rle_to_crop
 from segcli.writers.coco import CocoWriter
 from segcli.writers.geojson import GeoJsonWriter
 from segcli.writers.overlay import draw, instance_colour
@@ -136,7 +137,7 @@ def test_a_lost_track_waits_buffer_frames_and_ids_are_never_reused():
 
 
 def test_mask_iou_moves_the_mask_by_whole_pixels():
-    a, b = MaskCrop.from_rle(square(10, 10)[1]), MaskCrop.from_rle(square(15, 10)[1])
+    a, b = rle_to_crop(square(10, 10)[1]), rle_to_crop(square(15, 10)[1])
     assert a.iou(b) == pytest.approx(15 * 20 / (25 * 20))
     assert a.iou(b, dx=5) == 1.0 and a.iou(b, dx=40) == 0.0
 

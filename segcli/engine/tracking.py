@@ -28,10 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from pycocotools import mask as mask_utils
-
 from segcli.errors import UsageError
 from segcli.ops.assignment import match
+from segcli.ops.rle_crops import MaskCrop, rle_to_crop
 
 # ByteTrack's second stage accepts only close matches: a low score is more often a false detection.
 LOW_SCORE_MIN_SIMILARITY = 0.5
@@ -60,38 +59,6 @@ class TrackSettings:
 
     def fingerprint(self) -> dict:
         return {"low_thr": self.low_thr, "buffer": self.buffer, "iou": self.min_similarity}
-
-
-@dataclass
-class MaskCrop:
-    """A binary mask as its bounding-box crop and the crop's top-left corner (whole pixels)."""
-
-    pixels: np.ndarray  # bool [h, w]
-    x: int
-    y: int
-    area: int
-
-    @classmethod
-    def from_rle(cls, rle: dict) -> MaskCrop:
-        x, y, w, h = (int(round(v)) for v in mask_utils.toBbox(rle))
-        if w == 0 or h == 0:
-            return cls(np.zeros((0, 0), bool), 0, 0, 0)
-        pixels = mask_utils.decode(rle)[y:y + h, x:x + w].astype(bool)
-        return cls(pixels, x, y, int(np.count_nonzero(pixels)))
-
-    def iou(self, other: MaskCrop, dx: int = 0, dy: int = 0) -> float:
-        """IoU with `other` after moving this mask by (dx, dy) pixels."""
-        if self.area == 0 or other.area == 0:
-            return 0.0
-        ax, ay = self.x + dx, self.y + dy
-        x0, y0 = max(ax, other.x), max(ay, other.y)
-        x1 = min(ax + self.pixels.shape[1], other.x + other.pixels.shape[1])
-        y1 = min(ay + self.pixels.shape[0], other.y + other.pixels.shape[0])
-        if x1 <= x0 or y1 <= y0:
-            return 0.0
-        inter = int(np.count_nonzero(self.pixels[y0 - ay:y1 - ay, x0 - ax:x1 - ax]
-                                     & other.pixels[y0 - other.y:y1 - other.y, x0 - other.x:x1 - other.x]))
-        return inter / (self.area + other.area - inter)
 
 
 @dataclass
@@ -126,7 +93,7 @@ class FrameDetections:
 
     def mask(self, d: int) -> MaskCrop:
         if d not in self._masks:
-            self._masks[d] = MaskCrop.from_rle(self.rles[d])
+            self._masks[d] = rle_to_crop(self.rles[d])
         return self._masks[d]
 
 

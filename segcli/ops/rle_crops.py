@@ -13,6 +13,7 @@ pycocotools' own encode and decode of the full-size mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -34,6 +35,24 @@ class MaskCrop:
     @property
     def y1(self) -> int:
         return self.y0 + self.mask.shape[0]
+
+    @cached_property
+    def area(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+    def iou(self, other: MaskCrop, dx: int = 0, dy: int = 0) -> float:
+        """IoU with `other` after moving this mask by (dx, dy) whole pixels; costs the overlap of
+        the two crops, not the image."""
+        if self.area == 0 or other.area == 0:
+            return 0.0
+        ax, ay = self.x0 + dx, self.y0 + dy
+        x0, y0 = max(ax, other.x0), max(ay, other.y0)
+        x1, y1 = min(self.x1 + dx, other.x1), min(self.y1 + dy, other.y1)
+        if x1 <= x0 or y1 <= y0:
+            return 0.0
+        inter = int(np.count_nonzero(self.mask[y0 - ay:y1 - ay, x0 - ax:x1 - ax]
+                                     & other.mask[y0 - other.y0:y1 - other.y0, x0 - other.x0:x1 - other.x0]))
+        return inter / (self.area + other.area - inter)
 
 
 def crop_to_rle(mask: np.ndarray, x0: int, y0: int, height: int, width: int) -> dict:
