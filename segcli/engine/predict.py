@@ -43,6 +43,7 @@ from segcli.model.build import model_from_checkpoint
 from segcli.model.maskrcnn import Detections, MaskRCNN
 from segcli.model.roi_heads import CUDA_CANDIDATE_CAP, DetectionSettings
 from segcli.ops.rle import encode_masks
+from segcli.ops.rle_crops import crop_to_rle
 from segcli.paths_guard import Output, file_inputs, first_missing, refuse_overwrites
 from segcli.text import escaped
 from segcli.weights import Checkpoint, resolve_weights
@@ -207,7 +208,7 @@ class Predictor:
             masked = int((scores > np.float32(self.masks_above)).sum())
             rles = encode_masks(detections.paste_masks(index, count=masked).cpu().numpy())
             if masked < len(scores):
-                empty = encode_masks(np.zeros((1, width, height), bool))[0]
+                empty = crop_to_rle(np.zeros((0, 0), bool), 0, 0, height, width)
                 rles += [dict(empty) for _ in range(len(scores) - masked)]
         category_ids = self.label_to_category[detections.labels[rows].cpu()]
         keep = np.ones(len(scores), bool) if self.category_ids is None else torch.isin(category_ids, self.category_ids).numpy()

@@ -39,6 +39,7 @@ from pycocotools import mask as mask_utils
 from segcli.atomic import atomic_write
 from segcli.errors import UsageError
 from segcli.ops.assignment import match
+from segcli.ops.rle_crops import crop_to_rle, rle_to_crop
 
 if TYPE_CHECKING:
     from segcli.data.decode import Decoded
@@ -111,15 +112,20 @@ def flip_disagreement(instances: list[dict], flipped_rles: list[dict], flipped_c
         return 0.0
     if not instances or not flipped_rles:
         return 1.0
-    height, width = flipped_rles[0]["size"]
-    mirrored = np.asfortranarray(mask_utils.decode(flipped_rles)[:, ::-1, :])
-    back = mask_utils.encode(mirrored)
+    back = [_mirrored(rle) for rle in flipped_rles]
     iou = np.asarray(mask_utils.iou([i["segmentation"] for i in instances], back, [0] * len(back)), dtype=np.float64)
     iou = iou.reshape(len(instances), len(back))
     same = np.array([i["category_id"] for i in instances])[:, None] == flipped_categories[None, :]
     iou = np.where(same, iou, 0.0)
     matched = sum(iou[r, c] for r, c in match(iou, FLIP_MATCH_IOU))
     return 1.0 - matched / ((len(instances) + len(back)) / 2)
+
+
+def _mirrored(rle: dict) -> dict:
+    """The RLE of the mask flipped left to right, through its crop (no image-size array)."""
+    height, width = (int(v) for v in rle["size"])
+    crop = rle_to_crop(rle)
+    return crop_to_rle(crop.mask[:, ::-1], width - crop.x1, crop.y0, height, width)
 
 
 def ranked(rows: list[ReviewRow]) -> list[ReviewRow]:
