@@ -349,9 +349,6 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
         options.track.validate(options.score_thr)
     if options.review is not None:
         check_review_path(options.review)
-    if options.ray is not None and (options.track is not None or options.review is not None):
-        raise UsageError(f"{'--track' if options.track is not None else '--review'} runs in one process, not on Ray: "
-                         f"use --shard K/N or torchrun to spread it")
     ignored: Counter[str] = Counter()
     items = expand_sources(options.sources, stdin=stdin, ignored=ignored)
     stems = output_stems(items)

@@ -117,6 +117,9 @@ def driver_model(options, show_progress: bool):
     require_ray()
     if options.overlay is not None:
         raise UsageError("--overlay does not work with --ray: the frames stay on the actors")
+    if options.track is not None or options.review is not None:  # the tracker's and the queue's state is one process's
+        raise UsageError(f"{'--track' if options.track is not None else '--review'} runs in one process, not on Ray: "
+                         f"use --shard K/N or torchrun to spread it")
     if options.ray_actors is not None and options.ray_actors < 1:
         raise UsageError(f"--ray-actors must be at least 1, got {options.ray_actors}")
     return Predictor.load(options.weights, options.arch, "cpu", "fp32", options.score_thr, options.max_det,
