@@ -38,7 +38,7 @@ def torchvision_model(arch: str, num_classes: int = 91) -> MaskRCNN:
     if arch == "maskrcnn_resnet50_fpn_v2":
         return maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=num_classes)
     if arch in ("maskrcnn_resnet18_fpn_small", "maskrcnn_resnet18_fpn_tiny"):
-        from segcli.model.arch import ARCHS
+        from segcli.archs import ARCHS
         from segcli.model.build import build_body
 
         spec = ARCHS[arch]
@@ -66,7 +66,7 @@ def seeded_state_dict(arch: str, photos: list[Path], seed: int = 0, target: floa
     import numpy as np
     from PIL import Image
 
-    from segcli.engine.device import prepare_for_inference, resolve_precision
+    from segcli.device import prepare_for_inference, resolve_precision
     from segcli.model.build import build_model
     from segcli.model.roi_heads import DetectionSettings
 

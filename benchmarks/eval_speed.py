@@ -40,7 +40,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from segcli.engine.evaluate import STAT_NAMES, evaluate_files  # noqa: E402
+from segcli.evaluate.run import STAT_NAMES, evaluate_files  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GT = ROOT.parent / "shared" / "data" / "coco_tiny" / "annotations" / "instances_train2017.json"
@@ -160,7 +160,7 @@ def main() -> None:
         stats = {name: value if name == "by hand" else {t: [value[t][n] for n in STAT_NAMES] for t in ("segm", "bbox")}
                  for name, value in values.items()}
         images = args.copies * 32
-        from segcli.engine.parallel_cocoeval import default_workers
+        from segcli.evaluate.parallel import default_workers
 
         print(f"{images} images, {images * args.per_image} predictions, segm + bbox (best of {args.repeat}); "
               f"default workers here: {default_workers(images)}")

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import real_photos, seeded_state_dict  # noqa: E402
 from segcli.categories import coco_categories, coco_label_to_category_id  # noqa: E402
 from segcli.data.images import read_image  # noqa: E402
-from segcli.engine.device import prepare_for_inference  # noqa: E402
-from segcli.engine.export import ExportOptions, run_export  # noqa: E402
+from segcli.device import prepare_for_inference  # noqa: E402
+from segcli.export.run import ExportOptions, run_export  # noqa: E402
 from segcli.export.runtime import load_exported  # noqa: E402
 from segcli.export.verify import collate  # noqa: E402
 from segcli.model.build import model_from_checkpoint  # noqa: E402

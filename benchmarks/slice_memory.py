@@ -92,7 +92,7 @@ def make_image(path: Path, size: int, seed: int = 0) -> None:
 
 
 def run_segcli(image: Path, out: Path, device: str) -> dict:
-    from segcli.engine.predict import PredictOptions, run_predict
+    from segcli.predict.core import PredictOptions, run_predict
 
     started = time.perf_counter()
     summary = run_predict(PredictOptions(sources=[str(image)], out=str(out), weights="shapes_demo", device=device,
@@ -105,8 +105,8 @@ def run_reference(image_path: Path, out: Path, device: str, budget_bytes: float)
     """SAHI's way with the same tiles and model: full-image masks per prediction, box-IoS merging.
     Once its masks would pass the budget it only counts the predictions it would have held."""
     from segcli.data.images import read_image
-    from segcli.engine.predict import Predictor, collate
-    from segcli.engine.slicing import tile_windows
+    from segcli.predict.core import Predictor, collate
+    from segcli.predict.slicing import tile_windows
     from segcli.ops.rle import encode_masks
     from segcli.writers.coco import CocoWriter
 

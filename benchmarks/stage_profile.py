@@ -68,7 +68,7 @@ class StageClock:
 def clocked(model, clock: StageClock) -> Iterator[StageClock]:
     """Wrap the stages of `model` (a loaded segcli MaskRCNN) and of the predict pipeline."""
     import segcli.data.decode as decode
-    import segcli.engine.predict as predict
+    import segcli.predict.core as predict
     import segcli.model.maskrcnn as maskrcnn
     from segcli.writers.journal import Journal
 
@@ -94,7 +94,7 @@ def clocked(model, clock: StageClock) -> Iterator[StageClock]:
 def profile_predict(sources: list[str], weights: str, out_dir: Path, precision: str = "auto",
                     device: str = "cpu", score_thr: float = 0.5) -> tuple[dict[str, float], float, int, str]:
     """({stage: ms per image}, total ms per image, images, resolved precision) of one warm run."""
-    import segcli.engine.predict as predict
+    import segcli.predict.core as predict
 
     loaded: list = []
     original_load = predict.Predictor.load

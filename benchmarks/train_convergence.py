@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import torchvision_model  # noqa: E402
 from segcli.data.coco import load_coco  # noqa: E402
 from segcli.data.train_samples import Batch, EpochBatches, TrainingSet, collate  # noqa: E402
-from segcli.engine.train import init_class_layers, lr_factor  # noqa: E402
-from segcli.engine.validate import Validator  # noqa: E402
-from segcli.model.arch import ARCHS  # noqa: E402
+from segcli.train.run import init_class_layers, lr_factor  # noqa: E402
+from segcli.train.validate import Validator  # noqa: E402
+from segcli.archs import ARCHS  # noqa: E402
 from segcli.model.build import build_model  # noqa: E402
 from segcli.model.preprocess import ResizePolicy  # noqa: E402
 from segcli.model.training import TrainingModel, TrainSettings  # noqa: E402

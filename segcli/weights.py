@@ -29,7 +29,7 @@ import torch
 from segcli.atomic import atomic_write
 from segcli.categories import coco_categories, coco_label_to_category_id
 from segcli.errors import UsageError, WeightsError
-from segcli.model.arch import ARCHS
+from segcli.archs import ARCHS
 
 KNOWN_ARCHS = tuple(ARCHS)  # the architectures segcli can build
 CHECKPOINT_FORMAT = "segcli-checkpoint"

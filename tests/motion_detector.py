@@ -18,7 +18,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from segcli.data.video import VideoReader
-from segcli.engine.predict import ImagePrediction
+from segcli.predict.core import ImagePrediction
 from segcli.weights import Checkpoint
 
 PERSON = 1

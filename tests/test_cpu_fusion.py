@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 
 from segcli.data.images import read_image
-from segcli.engine.device import fuses_on, prepare_for_inference
+from segcli.device import fuses_on, prepare_for_inference
 from segcli.model import cpu_fusion
 from segcli.model.build import build_model
 from segcli.model.cpu_fusion import FusedConv2d, FusedLinear, FusedTwoMLPHead, fusion_available
@@ -63,7 +63,7 @@ def test_fusion_is_for_cpus_in_fp32_and_bf16_only():
 
 
 def test_without_onednn_fusion_the_model_runs_unfused(monkeypatch):
-    monkeypatch.setattr("segcli.engine.device.fusion_available", lambda: False)
+    monkeypatch.setattr("segcli.device.fusion_available", lambda: False)
     model = prepare_for_inference(seeded_model("maskrcnn_resnet18_fpn_tiny", 5), CPU, "bf16", fuse=True)
     assert not any(isinstance(m, FusedConv2d) for m in model.modules())
     image = torch.zeros((1, 96, 128, 3), dtype=torch.uint8)

@@ -29,8 +29,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segcli.cli.app import app
-from segcli.engine.evaluate import STAT_NAMES, evaluate_coco, evaluate_files, run_evaluation_files
-from segcli.engine.pr_plots import COLOURS, pr_curves
+from segcli.evaluate.run import STAT_NAMES, evaluate_coco, evaluate_files, run_evaluation_files
+from segcli.evaluate.plots import COLOURS, pr_curves
 from segcli.writers.coco import CocoWriter
 from tests.conftest import SHARED_DATA, require
 
@@ -533,7 +533,7 @@ def test_ground_truth_without_masks_scores_boxes_only(tmp_path):
 @pytest.mark.parametrize("iou_type", ["segm", "bbox"])
 def test_per_image_work_in_forked_processes_gives_identical_numbers(iou_type):
     """The chunked evaluation hands pycocotools' accumulate() the same records in the same order."""
-    from segcli.engine.parallel_cocoeval import run_cocoeval
+    from segcli.evaluate.parallel import run_cocoeval
 
     gt_path = require(COCO_TINY_TRAIN)
     results = noisy_predictions(gt_path, seed=43)

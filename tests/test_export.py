@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 from segcli.categories import coco_categories, coco_label_to_category_id
 from segcli.cli import app
 from segcli.data.images import read_image
-from segcli.engine.device import prepare_for_inference
-from segcli.engine.export import ExportOptions, run_export
+from segcli.device import prepare_for_inference
+from segcli.export.run import ExportOptions, run_export
 from segcli.errors import UsageError, WeightsError
 from segcli.export.runtime import exported_format, fit_image, load_exported
 from segcli.export.verify import collate, verify_export
@@ -244,7 +244,7 @@ def test_verification_fails_when_the_models_differ(exported, checkpoint, photos)
 
 
 def test_failed_verification_leaves_the_old_file(checkpoint, tmp_path, monkeypatch):
-    from segcli.engine import export as engine
+    from segcli.export import run as engine
     from segcli.export.verify import Verification
     from segcli.model.parity import ParityReport
 

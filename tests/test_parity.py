@@ -22,7 +22,7 @@ from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
 
-from segcli.engine.device import prepare_for_inference
+from segcli.device import prepare_for_inference
 from segcli.model.build import build_model
 from segcli.model.cpu_fusion import FusedConv2d, fusion_available
 from segcli.model.parity import compare_detections

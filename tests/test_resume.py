@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segcli.engine.predict import PredictOptions, run_predict
+from segcli.predict.core import PredictOptions, run_predict
 from segcli.errors import UsageError
 from tests.test_predict_cli import photos  # noqa: F401  (fixture)
 

@@ -17,9 +17,9 @@ from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
 from segcli.cli import app
-from segcli.engine import predict as engine
-from segcli.engine.predict import ImagePrediction, PredictOptions, run_predict
-from segcli.engine.review import COLUMNS, REVIEW_BAND, ReviewSettings, review_row
+from segcli.predict import core as engine
+from segcli.predict.core import ImagePrediction, PredictOptions, run_predict
+from segcli.predict.review import COLUMNS, REVIEW_BAND, ReviewSettings, review_row
 from segcli.errors import UsageError
 from segcli.weights import Checkpoint
 from tests.conftest import synthetic_shapes

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from segcli.cli import app
 from segcli.data.video import VideoReader
-from segcli.engine.merge import merge_parts
-from segcli.engine.predict import PredictOptions, run_predict
-from segcli.engine.shards import ShardSpec, parse_shard, read_record, record_path, shard_range
+from segcli.predict.merge import merge_parts
+from segcli.predict.core import PredictOptions, run_predict
+from segcli.predict.shards import ShardSpec, parse_shard, read_record, record_path, shard_range
 from segcli.errors import UsageError
 from tests.conftest import ROOT, SHARED_DATA, require
 from tests.test_predict_cli import photos  # noqa: F401  (fixture)
@@ -186,7 +186,7 @@ def test_resume_per_shard_after_the_folder_grew(photos, checkpoint, tmp_path):  
 
 
 def test_interrupted_shard_has_no_record_and_resume_finishes_it(photos, checkpoint, tmp_path, monkeypatch):  # noqa: F811
-    from segcli.engine.predict import Predictor
+    from segcli.predict.core import Predictor
 
     folder = tmp_path / "photos"
     make_images(folder, photos, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
@@ -332,7 +332,7 @@ def test_torchrun_rank_without_a_gpu_of_its_own_is_one_line(sources, checkpoint,
     """On a 1-GPU machine, --nproc-per-node 2 leaves LOCAL_RANK 1 without a GPU: said before any work."""
     import torch
 
-    import segcli.engine.torchrun_predict as torchrun_predict
+    import segcli.predict.torchrun as torchrun_predict
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

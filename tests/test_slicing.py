@@ -25,10 +25,10 @@ from segcli.cli import app
 from segcli.data.decode import Decoded
 from segcli.data.images import read_image
 from segcli.data.sources import InputItem
-from segcli.engine import predict as predict_engine
-from segcli.engine.predict import Predictor, PredictOptions, run_predict
-from segcli.engine.slice_merge import WHOLE_IMAGE, Piece, merge_pieces
-from segcli.engine.slicing import SlicedPredictor, SliceSettings, tile_windows
+from segcli.predict import core as predict_engine
+from segcli.predict.core import Predictor, PredictOptions, run_predict
+from segcli.predict.slice_merge import WHOLE_IMAGE, Piece, merge_pieces
+from segcli.predict.slicing import SlicedPredictor, SliceSettings, tile_windows
 from segcli.errors import UsageError
 from segcli.model.maskrcnn import Detections
 from segcli.model.preprocess import ResizePolicy, padded_size
@@ -191,7 +191,7 @@ def test_seam_cut_disks_on_a_6000x4000_real_mosaic_are_one_instance_each(use_blo
 
 def test_without_the_merge_the_seams_would_split_the_disks(use_blob_detector, mosaic, tmp_path, monkeypatch):
     """What the test above guards against: the tiles' raw detections, unmerged, split every cut disk."""
-    import segcli.engine.slicing as slicing
+    import segcli.predict.slicing as slicing
 
     path, disks = mosaic
     captured = {}

@@ -18,9 +18,9 @@ from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
 from segcli.cli import app
-from segcli.engine import predict as engine
-from segcli.engine.predict import PredictOptions, run_predict
-from segcli.engine.tracking import Tracker, TrackSettings
+from segcli.predict import core as engine
+from segcli.predict.core import PredictOptions, run_predict
+from segcli.predict.tracking import Tracker, TrackSettings
 from segcli.errors import UsageError
 from segcli.ops.assignment import match, min_cost_assignment
 from segcli.ops.rle_crops import rle_to_crop

@@ -19,7 +19,7 @@ from torchvision.ops import roi_align
 from typer.testing import CliRunner
 
 from segcli.cli import app
-from segcli.engine.train import TrainOptions, lr_factor, run_train
+from segcli.train.run import TrainOptions, lr_factor, run_train
 from segcli.model.build import build_model
 from segcli.model.training import (
     IGNORE, NEGATIVE, POSITIVE, Targets, TrainingModel, box_head_losses, box_iou_batched, match, sample_balanced,
@@ -280,7 +280,7 @@ def test_user_mistakes_are_one_line_exit_2(shapes, tmp_path, args, message):
 def test_train_display_live_bar_on_a_terminal_plain_lines_in_logs(live):
     import io
 
-    from segcli.engine.train_log import TrainDisplay
+    from segcli.train.log import TrainDisplay
 
     stream = io.StringIO()
     line = {"epoch": 1, "loss": 1.25, "mask": 0.5, "lr": 0.01, "images_per_s": 3.5}

@@ -1,4 +1,4 @@
-"""`segcli eval`: parse and validate flags, then hand over to segcli.engine.evaluate."""
+"""`segcli eval`: parse and validate flags, then hand over to segcli.evaluate.run."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def evaluate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No warnings or progress on stderr; images --images cannot read are still named."),
 ) -> None:
     """Score predictions against COCO ground truth with pycocotools: metrics and per-class AP on stdout."""
-    from segcli.engine.evaluate import EvalOptions, run_eval
+    from segcli.evaluate.run import EvalOptions, run_eval
 
     options = EvalOptions(gt=gt, pred=pred, images=images, weights=weights, arch=arch, device=device,
                           save_pred=save_pred, iou_type=iou_type, report=report, plots=plots, workers=workers,

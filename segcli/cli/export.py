@@ -1,4 +1,4 @@
-"""`segcli export`: parse and validate flags, then hand over to segcli.engine.export."""
+"""`segcli export`: parse and validate flags, then hand over to segcli.export.run."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def export(
     """Export the model to TorchScript or ONNX (uint8 images in, boxes, scores, labels, 28x28 masks out),
     verified against the eager model on real photos before the file is written. A failed
     verification writes nothing and exits with 3; without onnx/onnxruntime, ONNX export exits with 3."""
-    from segcli.engine.export import ExportOptions, run_export
+    from segcli.export.run import ExportOptions, run_export
 
     options = ExportOptions(
         weights=weights, format=format.lower(), out=out, arch=arch, opset=opset, batch=batch,

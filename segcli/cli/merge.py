@@ -21,7 +21,7 @@ def merge(
 ) -> None:
     """Merge the parts of a sharded prediction (coco, coco-results, jsonl, geojson) into the file one
     process over every input writes, byte for byte: same image and annotation ids, same order."""
-    from segcli.engine.merge import merge_parts
+    from segcli.predict.merge import merge_parts
 
     summary = run_engine(lambda: merge_parts(parts, out), "nothing was written")
     if not quiet:

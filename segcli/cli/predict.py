@@ -1,4 +1,4 @@
-"""`segcli predict`: parse and validate flags, then hand over to segcli.engine.predict."""
+"""`segcli predict`: parse and validate flags, then hand over to segcli.predict.core."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def predict(
 ) -> None:
     """Predict instance masks for images and videos and write them as COCO, JSON Lines, GeoJSON,
     LabelMe, YOLO or PNG; data goes to stdout only, logs and progress to stderr."""
-    from segcli.engine.predict import PredictOptions, run_predict
+    from segcli.predict.core import PredictOptions, run_predict
 
     if ray_actors is not None and not ray and ray_address is None:
         fail(UsageError("--ray-actors needs --ray (or --ray-address)"))
@@ -137,7 +137,7 @@ def predict(
 
 
 def _track_settings(track: bool, low_thr: Optional[float], buffer: Optional[int], iou: Optional[float]):
-    from segcli.engine.tracking import TrackSettings
+    from segcli.predict.tracking import TrackSettings
 
     given = {"low_thr": low_thr, "buffer": buffer, "min_similarity": iou}
     flags = {"low_thr": "--track-low-thr", "buffer": "--track-buffer", "min_similarity": "--track-iou"}
@@ -150,7 +150,7 @@ def _track_settings(track: bool, low_thr: Optional[float], buffer: Optional[int]
 
 
 def _review_settings(path: Optional[str], flip: bool):
-    from segcli.engine.review import ReviewSettings
+    from segcli.predict.review import ReviewSettings
 
     if path is None:
         if flip:

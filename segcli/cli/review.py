@@ -1,4 +1,4 @@
-"""`segcli review`: parse and validate flags, then hand over to segcli.engine.review_file."""
+"""`segcli review`: parse and validate flags, then hand over to segcli.predict.review_file."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def review(
 ) -> None:
     """Rank the images of a predictions file by how much a person should look at them, worst
     first, as CSV (the score and its components are described in the README)."""
-    from segcli.engine.review_file import ReviewFileOptions, run_review
+    from segcli.predict.review_file import ReviewFileOptions, run_review
 
     options = ReviewFileOptions(predictions=predictions, out=out, score_thr=score_thr)
     rows = run_engine(lambda: run_review(options, stdin=sys.stdin.buffer), "nothing was written")

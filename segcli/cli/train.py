@@ -1,4 +1,4 @@
-"""`segcli train`: parse and validate flags, then hand over to segcli.engine.train."""
+"""`segcli train`: parse and validate flags, then hand over to segcli.train.run."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", rich_help_panel=OUTPUT, help="No progress or log lines on stderr."),
 ) -> None:
     """Train or fine-tune Mask R-CNN on a COCO dataset; writes last.pt, best.pt and metrics.jsonl."""
-    from segcli.engine.train import TrainOptions, run_train
+    from segcli.train.run import TrainOptions, run_train
 
     def run():  # parse_sizes can raise UsageError: it gets the same one line as the engine's errors
         options = TrainOptions(

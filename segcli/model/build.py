@@ -13,7 +13,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from segcli.errors import UsageError, WeightsError
 from segcli.model.anchors import AnchorGenerator
-from segcli.model.arch import ARCHS, ArchSpec
+from segcli.archs import ARCHS, ArchSpec
 from segcli.model.maskrcnn import MaskRCNN
 from segcli.model.preprocess import ResizePolicy
 from segcli.model.roi_heads import DetectionSettings, RoIHeads

@@ -23,14 +23,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import nms as tv_nms
 
-
-def float32_threshold(iou_threshold: float) -> float:
-    """The float32 t for which `iou > t` equals torchvision's test of a float32 IoU against a
-    C++ double threshold: where rounding to float32 goes up, step one float32 down."""
-    rounded = np.float32(iou_threshold)
-    if float(rounded) > iou_threshold:
-        rounded = np.nextafter(rounded, np.float32(-np.inf))
-    return float(rounded)
+from segcli.ops.iou_threshold import float32_threshold
 
 
 def nms_padded_per_group(boxes: Tensor, valid: Tensor, labels: Tensor | None, iou_threshold: float) -> Tensor:

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from segcli.ops.nms import float32_threshold
+from segcli.ops.iou_threshold import float32_threshold
 
 try:  # Triton is optional: CPU-only installs (and some platforms) lack it.
     import triton

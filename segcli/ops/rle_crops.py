@@ -2,7 +2,7 @@
 without ever holding an image-size array.
 
 A 10,000 x 10,000 image makes every full-size mask 100 MB, however small its object; sliced
-inference (segcli.engine.slicing) and the writers that draw masks (PNG, overlays, polygons) work
+inference (segcli.predict.slicing) and the writers that draw masks (PNG, overlays, polygons) work
 on the crop around each object instead. COCO RLE runs down the columns (Fortran order), so a crop
 at (x0, y0) becomes, per column, `y0` zeros, the crop's column and `H - y0 - h` zeros; the runs are
 computed from the crop's value changes directly. The compressed string is parsed and written by

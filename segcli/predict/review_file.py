@@ -1,4 +1,4 @@
-"""`segcli review PRED`: the review queue (segcli.engine.review) of a predictions file: a COCO file
+"""`segcli review PRED`: the review queue (segcli.predict.review) of a predictions file: a COCO file
 or JSON Lines from `segcli predict`, or any COCO dataset file whose annotations carry scores.
 
 A file holds only the detections it was written with, so the near-threshold component sees scores
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from segcli.engine.eval_inputs import _mask_rle, read_predictions
-from segcli.engine.review import ReviewRow, review_row, write_csv
+from segcli.evaluate.inputs import _mask_rle, read_predictions
+from segcli.predict.review import ReviewRow, review_row, write_csv
 from segcli.errors import UsageError
 from segcli.paths_guard import Output, refuse_overwrites
 

@@ -25,11 +25,12 @@ from segcli import __version__
 from segcli.atomic import atomic_write
 from segcli.data.coco import CocoDataset, load_coco
 from segcli.data.train_samples import EpochBatches, TrainingSet, collate
-from segcli.engine.device import resolve_device
-from segcli.engine.train_log import TrainDisplay
-from segcli.engine.validate import Validator
+from segcli.device import resolve_device
+from segcli.train.log import TrainDisplay
+from segcli.train.validate import Validator
+from segcli.distributed import dist_from_env, init_distributed
 from segcli.errors import ExitCode, SegcliError, UsageError, WeightsError
-from segcli.model.arch import ARCHS
+from segcli.archs import ARCHS
 from segcli.model.build import build_model
 from segcli.model.maskrcnn import MaskRCNN
 from segcli.model.preprocess import ResizePolicy
@@ -95,38 +96,6 @@ class TrainSummary:
     best: Path | None
     best_ap: float | None
     metrics: list[dict] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def dist_from_env() -> Dist:
-    """torchrun's environment, or a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def init_distributed(dist: Dist, device_spec: str) -> torch.device:
-    device = resolve_device(device_spec)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", dist.local_rank)
-    if dist.enabled and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
 
 
 def default_min_sizes(arch: str) -> list[int]:

@@ -9,8 +9,8 @@ import torch
 
 from segcli.data.coco import CocoDataset, load_json
 from segcli.data.images import read_image
-from segcli.engine.eval_inputs import ground_truth_from_dataset, pycocotools_output
-from segcli.engine.evaluate import evaluate_coco
+from segcli.evaluate.inputs import ground_truth_from_dataset, pycocotools_output
+from segcli.evaluate.run import evaluate_coco
 from segcli.model.maskrcnn import MaskRCNN
 from segcli.ops.rle import encode_masks
 

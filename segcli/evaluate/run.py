@@ -27,7 +27,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from segcli.atomic import atomic_write
-from segcli.engine.eval_inputs import (
+from segcli.evaluate.metrics import IOU_TYPES, STAT_NAMES
+from segcli.evaluate.inputs import (
     GroundTruth,
     Results,
     load_ground_truth,
@@ -35,14 +36,11 @@ from segcli.engine.eval_inputs import (
     normalize_results,
     pycocotools_output,
 )
-from segcli.engine.parallel_cocoeval import default_workers, run_cocoeval
+from segcli.evaluate.parallel import default_workers, run_cocoeval
 from segcli.errors import UsageError
 from segcli.paths_guard import Output, file_inputs, refuse_overwrites
 from segcli.text import escaped, plural
 
-IOU_TYPES = ("segm", "bbox")
-# The names of COCOeval.stats, in its order.
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 # Settings `segcli eval --images` predicts with: what COCO evaluation expects of a detector.
 EVAL_SCORE_THR = 0.05
 EVAL_MAX_DET = 100
@@ -238,7 +236,7 @@ class EvalOutcome:
 
 def run_eval(options: EvalOptions, stdout: TextIO | None = None, stderr: TextIO | None = None) -> EvalOutcome:
     """Run `segcli eval`; raises SegcliError for user errors, before anything is written."""
-    from segcli.engine.eval_tables import print_tables
+    from segcli.evaluate.tables import print_tables
 
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
@@ -274,7 +272,7 @@ def run_eval(options: EvalOptions, stdout: TextIO | None = None, stderr: TextIO 
         except OSError as error:
             raise UsageError(f"--report {options.report}: cannot write ({error.strerror or error})")
     if options.plots is not None:
-        from segcli.engine.pr_plots import write_pr_plots
+        from segcli.evaluate.plots import write_pr_plots
 
         try:
             written = write_pr_plots(evaluation.evals, Path(options.plots))
@@ -325,7 +323,7 @@ def _refuse_overwrites(options: EvalOptions) -> None:
     outputs = [Output(flag, Path(value)) for flag, value in (("--report", options.report), ("--save-pred", options.save_pred))
                if value not in (None, "-")]
     if options.plots is not None:
-        from segcli.engine.pr_plots import plot_path
+        from segcli.evaluate.plots import plot_path
 
         outputs.append(Output("--plots", Path(options.plots), folder=True))
         outputs += [Output("--plots", plot_path(Path(options.plots), iou_type), given=options.plots) for iou_type in IOU_TYPES]
@@ -334,7 +332,7 @@ def _refuse_overwrites(options: EvalOptions) -> None:
 
 def _predict_then_load(options: EvalOptions, gt: COCO, stderr: TextIO) -> tuple[Results, list[tuple[str, str]]]:
     """Predict the images folder into a COCO file (kept with --save-pred), then read it back."""
-    from segcli.engine.predict import PredictOptions, run_predict
+    from segcli.predict.core import PredictOptions, run_predict
 
     with tempfile.TemporaryDirectory(prefix="segcli-eval-") as folder:
         out = options.save_pred or str(Path(folder) / "predictions.json")

@@ -31,13 +31,13 @@ from segcli.atomic import atomic_write
 from segcli.data.decode import Decoded, InputDone, iter_decoded
 from segcli.data.georef import GeoReader
 from segcli.data.sources import InputItem, expand_sources
-from segcli.engine.candidates import above, masks_above, model_threshold
-from segcli.engine.device import prepare_for_inference, resolve_device, resolve_precision
-from segcli.engine.progress import Progress
-from segcli.engine.review import ReviewQueue, ReviewSettings, check_review_path
-from segcli.engine.shards import ShardRun, ShardSpec
-from segcli.engine.slicing import SlicedPredictor, SliceSettings
-from segcli.engine.tracking import TrackSettings, VideoTracks, add_track_ids
+from segcli.predict.candidates import above, masks_above, model_threshold
+from segcli.device import prepare_for_inference, resolve_device, resolve_precision
+from segcli.progress import Progress
+from segcli.predict.review import ReviewQueue, ReviewSettings, check_review_path
+from segcli.predict.shards import ShardRun, ShardSpec
+from segcli.predict.slicing import SlicedPredictor, SliceSettings
+from segcli.predict.tracking import TrackSettings, VideoTracks, add_track_ids
 from segcli.errors import UsageError
 from segcli.model.build import model_from_checkpoint
 from segcli.model.maskrcnn import Detections, MaskRCNN
@@ -85,19 +85,19 @@ class PredictOptions:
     vid_stride: int = 1  # every N-th video frame
     overlay: str | None = None  # folder for images/videos with the predictions drawn
     resume: bool = False  # skip inputs already done by an earlier run with the same settings
-    # Sliced inference of huge images (segcli.engine.slicing): "auto", "off" or a tile size in pixels.
+    # Sliced inference of huge images (segcli.predict.slicing): "auto", "off" or a tile size in pixels.
     slice: str = "auto"
     overlap: float = 0.2
     slice_merge: str = "nmm"
     slice_match: str = "iou"
     slice_match_thr: float = 0.5
     slice_whole: bool = True
-    shard: str | None = None  # "K/N": only the K-th of N slices of the inputs (segcli.engine.shards)
-    rank: ShardSpec | None = None  # under torchrun: this process's slice, set by segcli.engine.torchrun_predict
+    shard: str | None = None  # "K/N": only the K-th of N slices of the inputs (segcli.predict.shards)
+    rank: ShardSpec | None = None  # under torchrun: this process's slice, set by segcli.predict.torchrun
     ray: str | None = None  # run on Ray: "" for ray.init()'s own choice, else a cluster address
     ray_actors: int | None = None  # with ray: model replicas (None: one per GPU, else one per 4 CPUs)
-    track: TrackSettings | None = None  # --track: ids across video frames (segcli.engine.tracking)
-    review: ReviewSettings | None = None  # --review: the review-queue CSV (segcli.engine.review)
+    track: TrackSettings | None = None  # --track: ids across video frames (segcli.predict.tracking)
+    review: ReviewSettings | None = None  # --review: the review-queue CSV (segcli.predict.review)
 
 
 @dataclass
@@ -340,7 +340,7 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
     if options.workers is not None and options.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {options.workers}")
     if options.rank is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from segcli.engine.torchrun_predict import run_ranks  # each rank runs this with its own slice
+        from segcli.predict.torchrun import run_ranks  # each rank runs this with its own slice
 
         return run_ranks(options, stdin, stderr)
     plan = plan_output(options)
@@ -372,7 +372,7 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
         todo = [i for i in range(len(items)) if journal is None or not journal.is_done(keys[i])]
         try:
             if options.ray is not None:
-                from segcli.engine.ray_predict import driver_model, run_on_ray
+                from segcli.predict.ray import driver_model, run_on_ray
 
                 predictor = driver_model(options, show_progress)  # Ray importable, the model loads here
             else:
@@ -413,7 +413,7 @@ def _open_journal(plan: OutputPlan, options: PredictOptions, stack: contextlib.E
 
 def fingerprint(options: PredictOptions, plan: OutputPlan) -> dict:
     """Everything that changes what a run writes; --resume refuses an output made with another."""
-    from segcli.engine.device import resolve_device, resolve_precision
+    from segcli.device import resolve_device, resolve_precision
 
     try:
         precision = resolve_precision(options.precision, resolve_device(options.device))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import TextIO
 
-from segcli.engine.progress import Progress
+from segcli.progress import Progress
 
 LIVE_EVERY = 5  # iterations between updates of the live display
 

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from segcli.engine.review import REVIEW_BAND
+from segcli.predict.review import REVIEW_BAND
 
 if TYPE_CHECKING:
-    from segcli.engine.predict import ImagePrediction, PredictOptions
+    from segcli.predict.core import ImagePrediction, PredictOptions
 
 
 def model_threshold(options: PredictOptions) -> float:

@@ -1,9 +1,9 @@
 """`torchrun --nproc-per-node G -m segcli predict ...`: every rank predicts its slice of the inputs
 on its own GPU (`LOCAL_RANK`), and rank 0 writes the one output, the same bytes as one process.
 
-Each rank is a shard run (segcli.engine.shards) whose part goes into a hidden folder beside
+Each rank is a shard run (segcli.predict.shards) whose part goes into a hidden folder beside
 `--out` (`.preds.json.ranks/part-2-of-4.json`, with its own resume journal); once all ranks are
-done, rank 0 merges the parts into `--out` (segcli.engine.merge) and removes them, keeping the
+done, rank 0 merges the parts into `--out` (segcli.predict.merge) and removes them, keeping the
 journals for `--resume`. Per-image formats need no merge: every rank writes into the `--out` folder.
 With `--shard K/N` as well (a Slurm array of multi-GPU jobs), the ranks split shard K, and the
 merged file is that shard's part, ready for `segcli merge`.
@@ -24,10 +24,10 @@ from typing import TextIO
 
 import torch
 
-from segcli.engine.device import resolve_device
-from segcli.engine.merge import merge_parts
-from segcli.engine.shards import ShardSpec, record_path
-from segcli.engine.train import dist_from_env, init_distributed
+from segcli.device import resolve_device
+from segcli.predict.merge import merge_parts
+from segcli.predict.shards import ShardSpec, record_path
+from segcli.distributed import dist_from_env, init_distributed
 from segcli.errors import UsageError
 
 # The fastest rank waits at the final barrier for the slowest: a day's difference is allowed.
@@ -40,7 +40,7 @@ def rank_parts_dir(out: Path) -> Path:
 
 def run_ranks(options, stdin: TextIO | None, stderr: TextIO):
     """This rank's share of `options` (a PredictOptions); on rank 0 the summary of all ranks."""
-    from segcli.engine.predict import plan_output, run_predict
+    from segcli.predict.core import plan_output, run_predict
 
     dist = dist_from_env()
     if options.ray is not None:

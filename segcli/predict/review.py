@@ -43,7 +43,7 @@ from segcli.ops.rle_crops import crop_to_rle, rle_to_crop
 
 if TYPE_CHECKING:
     from segcli.data.decode import Decoded
-    from segcli.engine.predict import ImagePrediction, Predictor
+    from segcli.predict.core import ImagePrediction, Predictor
 
 REVIEW_BAND = 0.25  # B: how far from the threshold a score still counts as a near decision
 FLIP_MATCH_IOU = 0.5  # panoptic quality's threshold: above it, a match is unambiguous
@@ -182,7 +182,7 @@ class ReviewQueue:
         below = [round(float(s), 5) for s in result.scores if s <= np.float32(self.score_thr)]
         flip = None
         if self.settings.flip:
-            from segcli.engine.candidates import above
+            from segcli.predict.candidates import above
 
             flipped = above(self.mirrored.pop((decoded.index, decoded.frame)), self.score_thr)
             flip = flip_disagreement(record["instances"], flipped.rles, flipped.category_ids)

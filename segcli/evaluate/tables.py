@@ -15,7 +15,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from segcli.engine.evaluate import IOU_TYPES, STAT_NAMES
+from segcli.evaluate.metrics import IOU_TYPES, STAT_NAMES
 
 # What each of COCOeval.stats averages over (pycocotools' summarize() lines).
 STAT_SETTINGS = {

@@ -2,7 +2,7 @@
 every input writes, byte for byte.
 
 Each part is a plain output file (COCO, coco-results, JSON Lines, GeoJSON) of a contiguous run of
-the input list, with a part record beside it (segcli.engine.shards) saying which run, what made
+the input list, with a part record beside it (segcli.predict.shards) saying which run, what made
 it and how many images it holds. Parts are put in input order and joined; COCO image and
 annotation ids (and the results list's image ids) are shifted by the counts of the parts before,
 which gives exactly the ids one process numbers in input order. Everything else (info,
@@ -23,7 +23,7 @@ from typing import IO, Iterator, Sequence
 
 from segcli.atomic import atomic_write
 from segcli.data.json_stream import JsonStream, JsonStreamError
-from segcli.engine.shards import PART_SUFFIX, PartRecord, Span, forget_record, read_record, write_record
+from segcli.predict.shards import PART_SUFFIX, PartRecord, Span, forget_record, read_record, write_record
 from segcli.errors import UsageError
 from segcli.writers.coco import _json as coco_json  # the COCO writer's own encoding: same bytes as one run
 from segcli.writers.geojson import GeoJsonWriter

@@ -27,7 +27,7 @@ import numpy as np
 from segcli.errors import SegcliError, UsageError, WeightsError
 
 if TYPE_CHECKING:
-    from segcli.engine.slicing import SliceSettings
+    from segcli.predict.slicing import SliceSettings
 
 INSTALL_HINT = 'pip install "segcli[ray]"'
 CPUS_PER_ACTOR = 4  # without GPUs: one model per 4 CPUs unless --ray-actors says otherwise
@@ -63,7 +63,7 @@ class ActorSettings:
 class InputOutcome:
     """One input's results on an actor: its images' or frames' predictions, or why it failed."""
 
-    predictions: list = field(default_factory=list)  # segcli.engine.predict.ImagePrediction
+    predictions: list = field(default_factory=list)  # segcli.predict.core.ImagePrediction
     error: str | None = None
     video_done: bool = False  # a video whose frames were read (possibly ending early: `note`)
     note: str | None = None
@@ -73,21 +73,21 @@ class PredictActor:
     """Ray Data's callable class: one model per actor, a batch of inputs per call."""
 
     def __init__(self, settings: ActorSettings) -> None:
-        from segcli.engine.predict import Predictor
+        from segcli.predict.core import Predictor
 
         self.settings = settings
         self.predictor = Predictor.load(settings.weights, settings.arch, settings.device, settings.precision,
                                         settings.score_thr, settings.max_det, progress=False,
                                         classes=list(settings.classes) if settings.classes else None)
         if settings.slicing is not None:  # huge images are sliced on the actor, as in one process
-            from segcli.engine.slicing import SlicedPredictor
+            from segcli.predict.slicing import SlicedPredictor
 
             self.predictor = SlicedPredictor(self.predictor, settings.slicing, settings.max_det, settings.batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from segcli.data.decode import InputDone, iter_decoded
         from segcli.data.sources import InputItem
-        from segcli.engine.predict import batches
+        from segcli.predict.core import batches
 
         settings = self.settings
         inputs = [InputItem(Path(str(path)), str(name)) for path, name in zip(batch["path"], batch["file_name"])]
@@ -112,7 +112,7 @@ def driver_model(options, show_progress: bool):
     """Check what can be checked before a cluster starts (Ray installed, the flags), and load the
     model in this process: weight and --classes mistakes are one line, and the writers need its
     categories. Returns a Predictor (on the CPU; the actors load their own)."""
-    from segcli.engine.predict import Predictor
+    from segcli.predict.core import Predictor
 
     require_ray()
     if options.overlay is not None:
@@ -131,8 +131,8 @@ def run_on_ray(options, plan, model_here, items: list, stems: list[str], keys: l
     """Predict `todo` (positions in `items`) on Ray; `model_here` is `driver_model`'s. Returns the
     PredictSummary of this run."""
     from segcli.data.decode import InputDone
-    from segcli.engine.predict import _Run
-    from segcli.engine.progress import Progress
+    from segcli.predict.core import _Run
+    from segcli.progress import Progress
 
     ray = require_ray()
     started = time.perf_counter()
@@ -174,7 +174,7 @@ def _dataset(ray, options, items: list, todo: list[int]):
     """The inputs as a Ray Dataset, mapped by a pool of `PredictActor`s."""
     from ray.data import DataContext
 
-    from segcli.engine.slicing import SliceSettings
+    from segcli.predict.slicing import SliceSettings
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))

@@ -4,7 +4,7 @@ A model that resizes every image to about 800 pixels sees a 10,000-pixel drone p
 of its resolution, and small objects vanish. Sliced, the image runs as overlapping tiles at (close
 to) full resolution, in batches of `--batch-size` tiles, plus one downscaled pass over the whole
 image that finds objects larger than a tile. Detections of all windows are merged
-(segcli.engine.slice_merge): an object cut by a seam becomes one instance.
+(segcli.predict.slice_merge): an object cut by a seam becomes one instance.
 
 Memory stays bounded by the image and one batch of tiles: masks are pasted into crops around
 their objects (segcli.ops.paste_crops), kept as crop RLEs, and placed into image-size RLEs without
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segcli.engine.slice_merge import MATCHES, MERGES, WHOLE_IMAGE, Piece, merge_pieces
+from segcli.predict.slice_merge import MATCHES, MERGES, WHOLE_IMAGE, Piece, merge_pieces
 from segcli.errors import UsageError
 from segcli.ops.paste_crops import paste_mask_crops
 from segcli.ops.rle_crops import MaskCrop
@@ -45,8 +45,8 @@ class SliceSettings:
 
     tile: int | None = None
     overlap: float = 0.2  # fraction of the tile shared by neighbouring tiles (at least)
-    merge: str = "nmm"  # segcli.engine.slice_merge.MERGES
-    match: str = "iou"  # segcli.engine.slice_merge.MATCHES
+    merge: str = "nmm"  # segcli.predict.slice_merge.MERGES
+    match: str = "iou"  # segcli.predict.slice_merge.MATCHES
     match_threshold: float = 0.5
     whole_image: bool = True  # also run the whole image, downscaled, for objects larger than a tile
 
@@ -84,7 +84,7 @@ class SliceSettings:
         return cls(tile, float(overlap), merge, match, float(match_threshold), bool(whole_image))
 
     def fingerprint(self) -> dict:
-        """What --resume compares (segcli.engine.predict.fingerprint)."""
+        """What --resume compares (segcli.predict.core.fingerprint)."""
         return {"tile": self.tile or "auto", "overlap": self.overlap, "merge": self.merge, "match": self.match,
                 "match_thr": self.match_threshold, "whole_image": self.whole_image}
 
@@ -116,11 +116,11 @@ def _starts(length: int, tile: int, overlap: float) -> list[int]:
 
 
 class SlicedPredictor:
-    """A Predictor (segcli.engine.predict) that slices the images `settings` says are too large;
+    """A Predictor (segcli.predict.core) that slices the images `settings` says are too large;
     other images, and every other attribute, go to the wrapped predictor unchanged.
 
     `keep_thr`: when the model runs below the run's `--score-thr` (candidates for --track and
-    --review, segcli.engine.candidates), the pieces above it and those below are merged apart, so
+    --review, segcli.predict.candidates), the pieces above it and those below are merged apart, so
     that a candidate never joins a kept detection: what is kept is what a run without them keeps."""
 
     def __init__(self, predictor: Any, settings: SliceSettings, max_det: int, batch_size: int | None = None,
@@ -150,7 +150,7 @@ class SlicedPredictor:
 
     def predict_sliced(self, decoded: Any, tile: int) -> Any:
         """One image as tiles of `tile` pixels (and the whole-image pass), merged."""
-        from segcli.engine.predict import ImagePrediction
+        from segcli.predict.core import ImagePrediction
 
         image = decoded.image
         height, width = image.shape[:2]
@@ -187,7 +187,7 @@ class SlicedPredictor:
                             self.settings.match_threshold) if pieces else []
 
     def _run(self, images: list[np.ndarray]):
-        from segcli.engine.predict import collate
+        from segcli.predict.core import collate
 
         device = self.predictor.device
         batch, sizes = collate(images, pin=device.type == "cuda")

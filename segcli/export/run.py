@@ -23,7 +23,7 @@ from segcli import __version__
 from segcli.atomic import atomic_write
 from segcli.data.images import ImageReadError, read_image
 from segcli.data.sources import expand_sources
-from segcli.engine.device import prepare_for_inference
+from segcli.device import prepare_for_inference
 from segcli.errors import UsageError, WeightsError
 from segcli.export import metadata as meta_doc
 from segcli.export.graph import INPUT_NAMES, OUTPUT_NAMES, ExportableMaskRCNN

@@ -10,7 +10,7 @@ ByteTrack's two-stage association (Zhang et al., ECCV 2022), with masks, frame b
    that stage 1 left unmatched, at a stricter similarity (0.5 at least). They keep those tracks
    alive and in place but are not written: with or without `--track`, the output holds exactly
    the detections above `--score-thr` (the model runs with the lower threshold to find them,
-   which changes nothing above it; see segcli.engine.candidates).
+   which changes nothing above it; see segcli.predict.candidates).
 3. Every detection above `--score-thr` left unmatched starts a new track. Ids count 1, 2, ... per
    video in order of appearance and are never reused; a track unmatched for more than
    `--track-buffer` video frames ends.
