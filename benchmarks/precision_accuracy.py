@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.cli_throughput import load_line, machine_line  # noqa: E402
 from benchmarks.common import ROOT  # noqa: E402
 from segcli.evaluate.run import evaluate_files  # noqa: E402
-from segcli.predict.core import PredictOptions, run_predict  # noqa: E402
+from segcli.predict.options import PredictOptions  # noqa: E402
+from segcli.predict.run import run_predict
 
 FRUITS = ROOT.parent / "shared" / "data" / "fruits_nuts"
 MAX_AP_LOSS = 0.005  # 0.5 AP points

@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.cli_throughput import run_cli_benchmark  # noqa: E402
 from benchmarks.common import real_photos, seeded_state_dict, torchvision_model  # noqa: E402
 from segcli.categories import COCO_LABELS  # noqa: E402
-from segcli.predict.core import PredictOptions, run_predict  # noqa: E402
+from segcli.predict.options import PredictOptions  # noqa: E402
+from segcli.predict.run import run_predict
 from segcli.model.parity import compare_detections  # noqa: E402
 from segcli.weights import save_checkpoint  # noqa: E402
 

@@ -92,7 +92,8 @@ def make_image(path: Path, size: int, seed: int = 0) -> None:
 
 
 def run_segcli(image: Path, out: Path, device: str) -> dict:
-    from segcli.predict.core import PredictOptions, run_predict
+    from segcli.predict.options import PredictOptions
+    from segcli.predict.run import run_predict
 
     started = time.perf_counter()
     summary = run_predict(PredictOptions(sources=[str(image)], out=str(out), weights="shapes_demo", device=device,

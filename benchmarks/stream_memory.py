@@ -46,7 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from segcli.categories import coco_categories, coco_label_to_category_id  # noqa: E402
-from segcli.predict.core import PredictOptions, Predictor, run_predict  # noqa: E402
+from segcli.predict.core import Predictor  # noqa: E402
+from segcli.predict.options import PredictOptions
+from segcli.predict.run import run_predict
 from segcli.model.build import build_model  # noqa: E402
 from segcli.weights import save_checkpoint  # noqa: E402
 

@@ -48,7 +48,8 @@ from benchmarks.common import real_photos, seeded_state_dict  # noqa: E402
 from benchmarks.stream_memory import looped_video  # noqa: E402
 from segcli.categories import coco_categories, coco_label_to_category_id  # noqa: E402
 from segcli.predict import core as engine  # noqa: E402
-from segcli.predict.core import PredictOptions, run_predict  # noqa: E402
+from segcli.predict.options import PredictOptions  # noqa: E402
+from segcli.predict.run import run_predict
 from segcli.predict.review import ReviewQueue, ReviewSettings  # noqa: E402
 from segcli.predict.tracking import TrackSettings, VideoTracks  # noqa: E402
 from segcli.weights import save_checkpoint  # noqa: E402

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torchvision.ops import batched_nms, nms
 
-from segcli.ops.nms import float32_threshold, nms_padded
+from segcli.ops.iou_threshold import float32_threshold
+from segcli.ops.nms import nms_padded
 
 
 def clustered_boxes(n: int, generator: torch.Generator) -> torch.Tensor:

@@ -18,7 +18,9 @@ from pycocotools.coco import COCO
 
 from segcli.categories import coco_categories, coco_label_to_category_id
 from segcli.data.images import read_image
-from segcli.predict.core import PredictOptions, Predictor, run_predict
+from segcli.predict.core import Predictor
+from segcli.predict.options import PredictOptions
+from segcli.predict.run import run_predict
 from segcli.errors import UsageError
 from segcli.model.build import build_model
 from segcli.model.parity import compare_detections

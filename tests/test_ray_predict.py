@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from segcli.predict.core import run_predict
+from segcli.predict.run import run_predict
 from tests.conftest import ROOT
 from tests.test_predict_cli import photos  # noqa: F401  (fixture)
 from tests.test_resume import checkpoint  # noqa: F401  (fixture)

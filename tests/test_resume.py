@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segcli.predict.core import PredictOptions, run_predict
+from segcli.predict.options import PredictOptions
+
+from segcli.predict.run import run_predict
 from segcli.errors import UsageError
 from tests.test_predict_cli import photos  # noqa: F401  (fixture)
 

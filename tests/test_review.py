@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 
 from segcli.cli import app
 from segcli.predict import core as engine
-from segcli.predict.core import ImagePrediction, PredictOptions, run_predict
+from segcli.predict.core import ImagePrediction
+from segcli.predict.options import PredictOptions
+from segcli.predict.run import run_predict
 from segcli.predict.review import COLUMNS, REVIEW_BAND, ReviewSettings, review_row
 from segcli.errors import UsageError
 from segcli.weights import Checkpoint

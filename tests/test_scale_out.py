@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 from segcli.cli import app
 from segcli.data.video import VideoReader
 from segcli.predict.merge import merge_parts
-from segcli.predict.core import PredictOptions, run_predict
+from segcli.predict.options import PredictOptions
+from segcli.predict.run import run_predict
 from segcli.predict.shards import ShardSpec, parse_shard, read_record, record_path, shard_range
 from segcli.errors import UsageError
 from tests.conftest import ROOT, SHARED_DATA, require

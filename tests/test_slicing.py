@@ -26,7 +26,7 @@ from segcli.data.decode import Decoded
 from segcli.data.images import read_image
 from segcli.data.sources import InputItem
 from segcli.predict import core as predict_engine
-from segcli.predict.core import Predictor, PredictOptions, run_predict
+from segcli.predict.core import Predictor
 from segcli.predict.slice_merge import WHOLE_IMAGE, Piece, merge_pieces
 from segcli.predict.slicing import SlicedPredictor, SliceSettings, tile_windows
 from segcli.errors import UsageError

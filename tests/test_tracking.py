@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from segcli.cli import app
 from segcli.predict import core as engine
-from segcli.predict.core import PredictOptions, run_predict
+from segcli.predict.options import PredictOptions
+from segcli.predict.run import run_predict
 from segcli.predict.tracking import Tracker, TrackSettings
 from segcli.errors import UsageError
 from segcli.ops.assignment import match, min_cost_assignment

@@ -67,7 +67,7 @@ def test_modules_import_without_triton():
 
 
 def test_strict_threshold_matches_double_comparison():
-    from segcli.ops.nms import float32_threshold
+    from segcli.ops.iou_threshold import float32_threshold
 
     rng = torch.Generator().manual_seed(0)
     thresholds = [0.3, 0.5, 0.7, 0.1, 0.45, 0.65, 0.0, 1.0] + torch.rand(50, generator=rng, dtype=torch.float64).tolist()

@@ -16,7 +16,8 @@ from segcli.data.decode import Decoded, InputDone, iter_decoded
 from segcli.data.images import ImageReadError
 from segcli.data.sources import InputItem, expand_sources
 from segcli.data.video import VideoReader
-from segcli.predict.core import PredictOptions, run_predict
+from segcli.predict.options import PredictOptions
+from segcli.predict.run import run_predict
 from tests.conftest import SHARED_DATA, require
 from tests.test_predict_cli import photos  # noqa: F401  (fixture)
 from tests.test_resume import checkpoint  # noqa: F401  (fixture: the small model at 160 px)

@@ -1,4 +1,4 @@
-"""`segcli predict`: parse and validate flags, then hand over to segcli.predict.core."""
+"""`segcli predict`: parse and validate flags, then hand over to segcli.predict.run."""
 
 from __future__ import annotations
 
@@ -102,7 +102,8 @@ def predict(
 ) -> None:
     """Predict instance masks for images and videos and write them as COCO, JSON Lines, GeoJSON,
     LabelMe, YOLO or PNG; data goes to stdout only, logs and progress to stderr."""
-    from segcli.predict.core import PredictOptions, run_predict
+    from segcli.predict.options import PredictOptions
+    from segcli.predict.run import run_predict
 
     if ray_actors is not None and not ray and ray_address is None:
         fail(UsageError("--ray-actors needs --ray (or --ray-address)"))

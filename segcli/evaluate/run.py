@@ -332,7 +332,8 @@ def _refuse_overwrites(options: EvalOptions) -> None:
 
 def _predict_then_load(options: EvalOptions, gt: COCO, stderr: TextIO) -> tuple[Results, list[tuple[str, str]]]:
     """Predict the images folder into a COCO file (kept with --save-pred), then read it back."""
-    from segcli.predict.core import PredictOptions, run_predict
+    from segcli.predict.options import PredictOptions
+    from segcli.predict.run import run_predict
 
     with tempfile.TemporaryDirectory(prefix="segcli-eval-") as folder:
         out = options.save_pred or str(Path(folder) / "predictions.json")

@@ -18,12 +18,9 @@ Paths:
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 from torchvision.ops import nms as tv_nms
-
-from segcli.ops.iou_threshold import float32_threshold
 
 
 def nms_padded_per_group(boxes: Tensor, valid: Tensor, labels: Tensor | None, iou_threshold: float) -> Tensor:

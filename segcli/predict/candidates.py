@@ -12,15 +12,12 @@ scores alone, so with `--review` only the model gives them no mask (`masks_above
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 from segcli.predict.review import REVIEW_BAND
 
 if TYPE_CHECKING:
-    from segcli.predict.core import ImagePrediction, PredictOptions
+    from segcli.predict.options import PredictOptions
 
 
 def model_threshold(options: PredictOptions) -> float:
@@ -51,11 +48,3 @@ def masks_above(options: PredictOptions) -> float | None:
     return options.score_thr
 
 
-def above(result: ImagePrediction, score_thr: float) -> ImagePrediction:
-    """An ImagePrediction cut to the detections scoring above `score_thr` (order kept)."""
-    keep = np.asarray(result.scores) > np.float32(score_thr)  # float32, as the model compares
-    if keep.all():
-        return result
-    return dataclasses.replace(result, boxes=result.boxes[keep], scores=result.scores[keep],
-                               category_ids=result.category_ids[keep],
-                               rles=[rle for rle, k in zip(result.rles, keep) if k])

@@ -6,7 +6,7 @@ The inputs (expanded, named and sliced exactly as for one process) become a Ray 
 each loading the model once and predicting whole inputs (a video stays on one actor, frame after
 frame). Ray schedules the actors (one GPU each when the cluster has GPUs) and feeds them; segcli
 adds no scheduler. Results come back to this process (the driver) in input order and go through
-the same writing path as one process (`_Run`): the resume journal, per-image writers, the one-file
+the same writing path as one process (segcli.predict.loop): the resume journal, per-image writers, the one-file
 formats assembled in input order. Polygons (GeoJSON, LabelMe, YOLO, `--masks polygon`) are
 therefore traced on the driver.
 
@@ -128,10 +128,10 @@ def driver_model(options, show_progress: bool):
 
 def run_on_ray(options, plan, model_here, items: list, stems: list[str], keys: list[str], todo: list[int], journal,
                stderr: TextIO, show_progress: bool):
-    """Predict `todo` (positions in `items`) on Ray; `model_here` is `driver_model`'s. Returns the
-    PredictSummary of this run."""
-    from segcli.data.decode import InputDone
-    from segcli.predict.core import _Run
+    """Predict `todo` (positions in `items`) on Ray; `model_here` is `driver_model`'s. The results
+    go through the same run loop, stages and sinks as in one process. Returns the PredictSummary."""
+    from segcli.predict.loop import RunContext
+    from segcli.predict.pipeline import build_loop
     from segcli.progress import Progress
 
     ray = require_ray()
@@ -143,28 +143,24 @@ def run_on_ray(options, plan, model_here, items: list, stems: list[str], keys: l
                  include_dashboard=False)
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # "execution finished", "progress bars disabled"
     try:
-        run = _Run(options, plan, model_here, items, stems, keys, todo, journal, stderr, show_progress)
+        context = RunContext(options, plan, model_here, items, stems, keys, todo, journal, stderr)
+        loop = build_loop(context)
         if todo:
             dataset = _dataset(ray, options, items, todo)
             finished = 0
-            with Progress(len(todo), enabled=show_progress, stream=stderr) as progress:
-                try:
-                    for row in _rows(dataset):
-                        index, outcome = int(row["index"]), pickle.loads(row["outcome"])
-                        if outcome.error is not None:
-                            finished += run._failed(index, outcome.error)
-                        for prediction in outcome.predictions:
-                            finished += run._result(index, None, prediction)
-                        if outcome.video_done:
-                            done = InputDone(items[index], index, len(outcome.predictions), outcome.note)
-                            finished += run._video_done(index, done)
-                        progress.update(finished)
-                except KeyboardInterrupt:
-                    run._assemble()  # what is done so far becomes a valid output, as in one process
-                    raise
-        run._assemble()
-        run.summary.seconds = time.perf_counter() - started
-        return run.summary
+            with Progress(len(todo), enabled=show_progress, stream=stderr) as progress, loop.stopping_early():
+                for row in _rows(dataset):
+                    index, outcome = int(row["index"]), pickle.loads(row["outcome"])
+                    if outcome.error is not None:
+                        finished += loop.failed(index, outcome.error)
+                    for prediction in outcome.predictions:
+                        finished += loop.result(index, None, prediction)
+                    if outcome.video_done:
+                        finished += loop.video_done(index, outcome.note)
+                    progress.update(finished)
+        loop.finish()
+        loop.summary.seconds = time.perf_counter() - started
+        return loop.summary
     finally:
         if joined:
             ray.shutdown()

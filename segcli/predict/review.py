@@ -40,6 +40,7 @@ from segcli.atomic import atomic_write
 from segcli.errors import UsageError
 from segcli.ops.assignment import match
 from segcli.ops.rle_crops import crop_to_rle, rle_to_crop
+from segcli.predict.core import above
 
 if TYPE_CHECKING:
     from segcli.data.decode import Decoded
@@ -182,8 +183,6 @@ class ReviewQueue:
         below = [round(float(s), 5) for s in result.scores if s <= np.float32(self.score_thr)]
         flip = None
         if self.settings.flip:
-            from segcli.predict.candidates import above
-
             flipped = above(self.mirrored.pop((decoded.index, decoded.frame)), self.score_thr)
             flip = flip_disagreement(record["instances"], flipped.rles, flipped.category_ids)
         row = review_row(record["file"], record["frame"], record["instances"], below, self.score_thr, flip)

@@ -105,7 +105,7 @@ class PartRecord:
     span: Span
     shard: str  # "K/N" as asked for (messages only; the span is what merge relies on)
     format: str
-    fingerprint: dict  # segcli.predict.core.fingerprint: model and every setting that changes results
+    fingerprint: dict  # segcli.predict.fingerprint: model and every setting that changes results
     records: int  # images and video frames in the part (coco-results lists only those with detections)
     part_bytes: int
     part_sha256: str

@@ -84,7 +84,7 @@ class SliceSettings:
         return cls(tile, float(overlap), merge, match, float(match_threshold), bool(whole_image))
 
     def fingerprint(self) -> dict:
-        """What --resume compares (segcli.predict.core.fingerprint)."""
+        """What --resume compares (segcli.predict.fingerprint)."""
         return {"tile": self.tile or "auto", "overlap": self.overlap, "merge": self.merge, "match": self.match,
                 "match_thr": self.match_threshold, "whole_image": self.whole_image}
 

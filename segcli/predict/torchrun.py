@@ -29,6 +29,8 @@ from segcli.predict.merge import merge_parts
 from segcli.predict.shards import ShardSpec, record_path
 from segcli.distributed import dist_from_env, init_distributed
 from segcli.errors import UsageError
+from segcli.predict.plan import plan_output
+from segcli.predict.single import run_single
 
 # The fastest rank waits at the final barrier for the slowest: a day's difference is allowed.
 BARRIER_TIMEOUT = timedelta(days=1)
@@ -40,8 +42,6 @@ def rank_parts_dir(out: Path) -> Path:
 
 def run_ranks(options, stdin: TextIO | None, stderr: TextIO):
     """This rank's share of `options` (a PredictOptions); on rank 0 the summary of all ranks."""
-    from segcli.predict.core import plan_output, run_predict
-
     dist = dist_from_env()
     if options.ray is not None:
         raise UsageError("--ray and torchrun both spread the work; use one")
@@ -67,7 +67,7 @@ def run_ranks(options, stdin: TextIO | None, stderr: TextIO):
              for r in range(dist.world_size)]
     if not plan.per_image:
         mine = replace(mine, out=str(parts[dist.rank]), format=plan.format)
-    summary = run_predict(mine, stdin, stderr)
+    summary = run_single(mine, stdin, stderr)
     summaries = [None] * dist.world_size if dist.is_main else None
     torch.distributed.gather_object(summary, summaries, dst=0)
     if dist.is_main and not plan.per_image:

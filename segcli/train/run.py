@@ -25,7 +25,6 @@ from segcli import __version__
 from segcli.atomic import atomic_write
 from segcli.data.coco import CocoDataset, load_coco
 from segcli.data.train_samples import EpochBatches, TrainingSet, collate
-from segcli.device import resolve_device
 from segcli.train.log import TrainDisplay
 from segcli.train.validate import Validator
 from segcli.distributed import dist_from_env, init_distributed
