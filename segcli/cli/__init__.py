@@ -8,6 +8,7 @@ from segcli.cli import evaluate  # noqa: F401
 from segcli.cli import export  # noqa: F401
 from segcli.cli import merge  # noqa: F401
 from segcli.cli import review  # noqa: F401
+from segcli.cli import labeling  # noqa: F401  (push, pull)
 
 
 def main() -> None:
