@@ -15,7 +15,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 from PIL import Image
 
 from tests.conftest import SHARED_DATA, require

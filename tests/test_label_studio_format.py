@@ -14,7 +14,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from segcli.writers.label_studio import (brush_rle_to_mask, config_categories, decode_brush_rle,
-                                         encode_brush_rle, labeling_config, mask_to_brush_rle,
+                                         labeling_config, mask_to_brush_rle,
                                          results_to_coco, tasks_from_coco)
 from tests.test_label_studio_loop import REQUIRED, _label_studio_bin
 
@@ -105,3 +105,38 @@ def test_coco_to_tasks_to_coco(shape):
     assert back["images"][0]["file_name"] == "a/b.png" and annotation["category_id"] == 1
     assert annotation["bbox"] == pytest.approx([10, 8, 30, 22])
     assert annotation["area"] == pytest.approx(mask.sum(), rel=0.02 if shape == "polygon" else 0)
+
+
+@pytest.mark.parametrize("masks", ["rle", "polygon"])
+def test_predict_format_label_studio_holds_the_runs_detections(tmp_path, masks):
+    """`--format label-studio` gives the same regions, read back to COCO, as the run's COCO file:
+    masks pixel for pixel (brush), polygons within the tracing's tolerance."""
+    from typer.testing import CliRunner
+
+    from segcli.cli import app
+    from tests.conftest import synthetic_shapes
+
+    synthetic_shapes().generate(tmp_path / "set", images=3, size=96, seed=4)
+    images = tmp_path / "set" / "images"
+    runner = CliRunner()
+    for fmt, out in (("coco", "pred.json"), ("label-studio", "tasks.json")):
+        result = runner.invoke(app, ["predict", str(images), "--weights", "shapes_demo", "--format", fmt,
+                                     "--masks", masks, "--out", str(tmp_path / out), "-q",
+                                     "--image-url-prefix", "http://images.example/"])
+        assert result.exit_code == 0, result.output
+    coco = json.loads((tmp_path / "pred.json").read_text())
+    tasks = json.loads((tmp_path / "tasks.json").read_text())
+    assert [t["data"]["segcli_file"] for t in tasks] == [i["file_name"] for i in coco["images"]]
+    assert all(t["data"]["image"] == "http://images.example/" + t["data"]["segcli_file"] for t in tasks)
+    names = [c["name"] for c in coco["categories"]]
+    back = results_to_coco([(t, t["predictions"][0]["result"]) for t in tasks], names)
+    ids = {c["id"]: c["name"] for c in coco["categories"]}
+    for image, pulled in zip(coco["images"], back["images"]):
+        want = [a for a in coco["annotations"] if a["image_id"] == image["id"]]
+        got = [a for a in back["annotations"] if a["image_id"] == pulled["id"]]
+        assert want and sorted(ids[a["category_id"]] for a in want) == sorted(names[a["category_id"] - 1] for a in got)
+        for a, b in zip(sorted(want, key=lambda a: a["area"]), sorted(got, key=lambda a: a["area"])):
+            if masks == "rle":
+                assert np.array_equal(mask_utils.decode(a["segmentation"]), mask_utils.decode(b["segmentation"]))
+            else:  # the same polygons, through percent of the image size and back
+                assert b["segmentation"][0] == pytest.approx(a["segmentation"][0], abs=0.02)

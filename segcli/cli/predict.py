@@ -28,14 +28,19 @@ def predict(
     out: Optional[str] = typer.Option(
         None, "--out", "-o",
         help="Output file or folder. Omitted or -: JSON Lines on stdout. The format follows the extension "
-             "(.json coco, .jsonl jsonl, .geojson geojson) or a folder (labelme) unless --format says.",
+             "(.json coco, .jsonl jsonl, .geojson geojson, .xml cvat) or a folder (labelme) unless --format says.",
     ),
     format: Optional[str] = typer.Option(
         None, "--format",
         help="coco, coco-results (the list COCO.loadRes takes), jsonl, geojson (one file); "
-             "labelme, yolo, png (one file per image, --out is a folder).",
+             "labelme, yolo, png (one file per image, --out is a folder); label-studio (Label Studio's task "
+             "JSON with pre-annotations: brush masks, or polygons with --masks polygon); cvat (CVAT for images "
+             "1.1 XML, or CVAT for video 1.1 with tracks for one video; masks, or polygons with --masks polygon).",
     ),
-    masks: str = typer.Option("rle", help="Mask encoding for coco, coco-results and jsonl: rle or polygon."),
+    image_url_prefix: Optional[str] = typer.Option(
+        None, help="--format label-studio: images at PREFIX + file_name (default: the server's local files, "
+                   "by absolute path; the server needs LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=/)."),
+    masks: str = typer.Option("rle", help="Mask encoding for coco, coco-results and jsonl (and the shape of label-studio and cvat): rle or polygon."),
     poly_tolerance: float = typer.Option(1.0, help="Polygon simplification tolerance in pixels (0: exact outline)."),
     overlay: Optional[str] = typer.Option(None, help="Also draw the predictions into this folder (videos: an overlay video)."),
     resume: bool = typer.Option(
@@ -115,7 +120,7 @@ def predict(
         slice_match_thr=slice_match_thr, slice_whole=slice_whole, shard=shard,
         ray=ray_address if ray_address is not None else ("" if ray else None), ray_actors=ray_actors,
         track=_track_settings(track, track_low_thr, track_buffer, track_iou),
-        review=_review_settings(review, review_flip),
+        review=_review_settings(review, review_flip), image_url_prefix=image_url_prefix,
     )
     quiet = options.quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun rank 0 reports for all
     # Pillow warns about oddities it recovers from ("Corrupt EXIF data"); segcli reports what

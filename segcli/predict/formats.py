@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from segcli import __version__
 from segcli.atomic import atomic_write
+from segcli.errors import UsageError
 from segcli.writers.coco import CocoWriter
 from segcli.writers.geojson import write_geojson
 from segcli.writers.jsonl import record_line
@@ -35,6 +37,8 @@ class OneFileFormat:
     write: Callable[[Path | None, Records, object], None]
     suffixes: tuple[str, ...] = ()  # --out extensions that choose this format without --format
     polygons: bool = False  # records always carry polygons (else --masks polygon decides)
+    # refuse_inputs(items): raises UsageError, before any work, for inputs the format cannot hold
+    refuse_inputs: Callable[[list], None] | None = None
     per_image = False
 
 
@@ -96,6 +100,46 @@ def _geojson(out: Path | None, records: Records, context) -> None:
         write_geojson(handle, records, context.info, context.warn)
 
 
+def _label_studio(out: Path | None, records: Records, context) -> None:
+    import urllib.parse
+
+    from segcli.writers.label_studio import write_label_studio
+
+    prefix = context.options.image_url_prefix
+    paths = {item.file_name: item.path for item in context.items}
+
+    def url(file_name: str) -> str:
+        if prefix:
+            return prefix + urllib.parse.quote(file_name)
+        # Label Studio's local files, served when LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT is /.
+        path = Path(paths.get(file_name, file_name)).resolve()
+        return "/data/local-files/?d=" + urllib.parse.quote(path.as_posix().lstrip("/"))
+
+    shape = "polygon" if context.options.masks == "polygon" else "brush"
+    with output_stream(out) as handle:
+        write_label_studio(handle, records(), context.categories, url, shape, "segcli " + __version__)
+
+
+def _images_only(items: list) -> None:
+    videos = [item.file_name for item in items if item.is_video]
+    if videos:
+        raise UsageError(f"--format label-studio: {videos[0]!r} is a video; Label Studio tasks show images "
+                         "(extract frames first, or write --format cvat, which holds a video's tracks)")
+
+
+def _cvat(out: Path | None, records: Records, context) -> None:
+    from segcli.writers.cvat import write_cvat
+
+    with output_stream(out) as handle:
+        write_cvat(handle, records(), context.categories, context.options.masks == "polygon", context.warn)
+
+
+def _refuse_cvat_inputs(items: list) -> None:
+    from segcli.writers.cvat import refuse_unfit_inputs
+
+    refuse_unfit_inputs(items)
+
+
 register(OneFileFormat("coco", _coco(results_only=False), suffixes=(".json",)))
 register(OneFileFormat("coco-results", _coco(results_only=True)))
 register(OneFileFormat("jsonl", _jsonl, suffixes=(".jsonl", ".ndjson")))
@@ -105,3 +149,5 @@ register(PerImageFormat("labelme", lambda out, categories: LabelMeWriter(out), (
 register(PerImageFormat("yolo", YoloWriter, (YoloWriter.suffix,), extra_files=("data.yaml",),
                         pixel_centres=YoloWriter.pixel_centres))
 register(PerImageFormat("png", PngWriter, PngWriter.suffixes, polygons=False, pixel_centres=PngWriter.pixel_centres))
+register(OneFileFormat("label-studio", _label_studio, refuse_inputs=_images_only))
+register(OneFileFormat("cvat", _cvat, suffixes=(".xml",), refuse_inputs=_refuse_cvat_inputs))

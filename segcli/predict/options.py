@@ -47,6 +47,7 @@ class PredictOptions:
     ray_actors: int | None = None  # with ray: model replicas (None: one per GPU, else one per 4 CPUs)
     track: TrackSettings | None = None  # --track: ids across video frames (segcli.predict.tracking)
     review: ReviewSettings | None = None  # --review: the review-queue CSV (segcli.predict.review)
+    image_url_prefix: str | None = None  # --format label-studio: images at PREFIX + file_name
 
 
 @dataclass

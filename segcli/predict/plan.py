@@ -31,7 +31,7 @@ class OutputPlan:
 
 def plan_output(options: PredictOptions) -> OutputPlan:
     """Validate --out/--format/--masks and infer the format: jsonl on stdout; from the extension of
-    a file (.json coco, .jsonl/.ndjson jsonl, .geojson geojson); labelme for a folder."""
+    a file (.json coco, .jsonl/.ndjson jsonl, .geojson geojson, .xml cvat); labelme for a folder."""
     to_stdout = options.out in (None, "-")
     out = None if to_stdout else Path(options.out)
     names_folder = out is not None and (out.is_dir() or str(options.out).endswith(("/", os.sep)))
@@ -71,7 +71,8 @@ def plan_output(options: PredictOptions) -> OutputPlan:
 
 def refuse_overwrites_of(options: PredictOptions, plan: OutputPlan, items: list[InputItem], stems: list[str]) -> None:
     """Stop before any work if an output would replace an input (`--out a.jpg`, an overlay of
-    `photos/a.jpg` into `photos/`, a per-image file named like an input) or another output."""
+    `photos/a.jpg` into `photos/`, a per-image file named like an input) or another output, or
+    if the format cannot hold the inputs (a CVAT task is images or one video)."""
     inputs = [("the input", item.path) for item in items]
     inputs += file_inputs("the SOURCE", options.sources) + file_inputs("--weights", [options.weights])
     outputs, files = [], []
@@ -90,3 +91,6 @@ def refuse_overwrites_of(options: PredictOptions, plan: OutputPlan, items: list[
         files += [Output("--overlay", root / (stem + suffix), given=options.overlay) for item, stem in zip(items, stems)
                   for suffix in ((".mp4", ".avi") if item.is_video else (".jpg",))]
     refuse_overwrites(inputs, outputs, files)
+    refuse_inputs = getattr(FORMATS[plan.format], "refuse_inputs", None)
+    if refuse_inputs is not None:
+        refuse_inputs(items)

@@ -139,10 +139,12 @@ def config_categories(config: str) -> list[str]:
 
 def task_results(annotations: list[dict[str, Any]], width: int, height: int, names: dict[int, str],
                  shape: str) -> list[dict[str, Any]]:
-    """The regions of one image's detections: polygons (percent vertices) or brush masks."""
+    """The regions of one image's detections (COCO annotations, or the instances of a segcli
+    record): polygons (percent vertices) or brush masks."""
     from pycocotools import mask as mask_utils
 
     from segcli.writers.polygons import mask_polygons
+    from segcli.writers.records import flat_exteriors
 
     results = []
     for annotation in annotations:
@@ -166,8 +168,10 @@ def task_results(annotations: list[dict[str, Any]], width: int, height: int, nam
             results.append({**common, "from_name": BRUSH_TAG, "type": "brushlabels",
                             "value": {"format": "rle", "rle": mask_to_brush_rle(mask), "brushlabels": [label]}})
             continue
-        for polygon in mask_polygons(mask.astype(bool)):
-            flat = polygon.flat_exterior()
+        # A segcli record's instance brings its polygons (--poly-tolerance); a COCO annotation is traced.
+        outlines = (flat_exteriors(annotation) if "polygons" in annotation
+                    else [polygon.flat_exterior() for polygon in mask_polygons(mask.astype(bool))])
+        for flat in outlines:
             points = [[100.0 * x / width, 100.0 * y / height] for x, y in zip(flat[0::2], flat[1::2])]
             if len(points) >= 3:
                 results.append({**common, "from_name": POLYGON_TAG, "type": "polygonlabels",
@@ -188,16 +192,36 @@ def tasks_from_coco(coco: dict[str, Any], image_url: Any, shape: str = "polygon"
     for image in coco.get("images", []):
         if keep is not None and image["file_name"] not in keep:
             continue
-        detections = by_image.get(image["id"], [])
-        results = task_results(detections, image["width"], image["height"], names, shape)
-        scores = [float(a["score"]) for a in detections if a.get("score") is not None]
-        tasks.append({
-            "data": {IMAGE_TAG: image_url(image["file_name"]), "segcli_file": image["file_name"],
-                     "width": image["width"], "height": image["height"]},
-            "predictions": [{"model_version": model_version, "result": results,
-                             "score": float(np.mean(scores)) if scores else 0.0}],
-        })
+        tasks.append(task(image["file_name"], image["width"], image["height"], by_image.get(image["id"], []),
+                          names, image_url, shape, model_version))
     return tasks
+
+
+def task(file_name: str, width: int, height: int, detections: list[dict[str, Any]], names: dict[int, str],
+         image_url: Any, shape: str, model_version: str) -> dict[str, Any]:
+    """One image's task: its URL, its file_name (`data.segcli_file`), its detections as one prediction."""
+    scores = [float(a["score"]) for a in detections if a.get("score") is not None]
+    return {
+        "data": {IMAGE_TAG: image_url(file_name), "segcli_file": file_name, "width": width, "height": height},
+        "predictions": [{"model_version": model_version,
+                         "result": task_results(detections, width, height, names, shape),
+                         "score": round(float(np.mean(scores)), 5) if scores else 0.0}],
+    }
+
+
+def write_label_studio(handle, records: Iterable[dict[str, Any]], categories: list[dict[str, Any]],
+                       image_url: Any, shape: str, model_version: str) -> None:
+    """`segcli predict --format label-studio`: a JSON list of tasks (Label Studio's import file),
+    one per record, written to the binary `handle` as records come (constant memory)."""
+    import json
+
+    names = {category["id"]: category["name"] for category in categories}
+    handle.write(b"[")
+    for number, record in enumerate(records):
+        one = task(record["file"], record["width"], record["height"], record["instances"], names, image_url,
+                   shape, model_version)
+        handle.write(((",\n" if number else "\n") + json.dumps(one, ensure_ascii=False)).encode("utf-8"))
+    handle.write(b"\n]\n")
 
 
 # ---- finished annotations -> COCO ------------------------------------------------------------
