@@ -16,7 +16,8 @@ from pycocotools import mask as mask_utils
 from segcli.writers.label_studio import (brush_rle_to_mask, config_categories, decode_brush_rle,
                                          labeling_config, mask_to_brush_rle,
                                          results_to_coco, tasks_from_coco)
-from tests.test_label_studio_loop import REQUIRED, _label_studio_bin
+from tests.label_studio_server import label_studio_bin as _label_studio_bin
+from tests.test_label_studio_loop import REQUIRED
 
 
 def _masks():

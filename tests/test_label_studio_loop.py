@@ -3,8 +3,7 @@ a person edits through the API (moves a polygon, deletes one, adds one; skips a 
 train 1 epoch; the pulled COCO holds exactly the edits. Plus the failures a user meets: wrong
 URL, refused token, missing project, images the server cannot load, a server gone mid-push.
 
-The server: `label-studio` from env SEGCLI_LABEL_STUDIO_BIN, else PATH, else ./.ls-venv (it lives
-in a venv of its own: its pins clash with segcli's). Not installed: skipped, unless
+The server: tests/label_studio_server.py. Not installed: skipped, unless
 SEGCLI_REQUIRE_LABEL_STUDIO=1 (CI), where a missing or failing server fails the test.
 """
 
@@ -12,12 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,83 +24,26 @@ import pytest
 from typer.testing import CliRunner
 
 from segcli.cli import app
-from tests.conftest import ROOT, synthetic_shapes
+from tests.conftest import synthetic_shapes
+from tests.label_studio_server import (TOKEN, Server, ServerFailed, free_port as _free_port, label_studio_bin,
+                                       running_label_studio)
 
-TOKEN = "segcli-test-token-0123456789"
-STARTUP_TIMEOUT_S = 300  # first start migrates a fresh SQLite database: ~1 min on 2 busy cores
 REQUIRED = os.environ.get("SEGCLI_REQUIRE_LABEL_STUDIO") == "1"
-
-
-def _label_studio_bin() -> str | None:
-    candidates = [os.environ.get("SEGCLI_LABEL_STUDIO_BIN"), shutil.which("label-studio"),
-                  str(ROOT / ".ls-venv" / "bin" / "label-studio")]
-    return next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, url: str, data_dir: Path) -> None:
-        self.url, self.data_dir = url, data_dir
-
-    def api(self, method: str, path: str, body=None):
-        request = urllib.request.Request(self.url + path, method=method,
-                                         data=None if body is None else json.dumps(body).encode(),
-                                         headers={"Authorization": f"Token {TOKEN}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            payload = response.read()
-        return json.loads(payload) if payload else None
-
-    def tasks(self, project_id: int) -> list[dict]:
-        return self.api("GET", f"/api/tasks?project={project_id}&page_size=1000&fields=all")["tasks"]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    binary = _label_studio_bin()
+    binary = label_studio_bin()
     if binary is None:
         message = "label-studio is not installed (pip install label-studio in a venv of its own; see .ci/run)"
         if REQUIRED:
             pytest.fail(message + " but SEGCLI_REQUIRE_LABEL_STUDIO=1")
         pytest.skip(message)
-    data_dir = tmp_path_factory.mktemp("label-studio")
-    port = _free_port()
-    env = {**os.environ, "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
-           "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": "/", "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir)}
-    log = open(data_dir / "server.log", "wb")
-    process = subprocess.Popen(
-        [binary, "start", "--no-browser", "--data-dir", str(data_dir), "--internal-host", "127.0.0.1",
-         "--port", str(port), "--username", "annotator@example.com", "--password", "segcli-test-pass",
-         "--user-token", TOKEN, "--enable-legacy-api-token"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
     try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"label-studio exited with {process.returncode} while starting: "
-                            f"{(data_dir / 'server.log').read_text(errors='replace')[-1500:]}")
-            try:
-                Server(url, data_dir).api("GET", "/api/current-user/whoami")
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"label-studio did not answer within {STARTUP_TIMEOUT_S} s: "
-                                f"{(data_dir / 'server.log').read_text(errors='replace')[-1500:]}")
-                time.sleep(1)
-        yield Server(url, data_dir)
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        log.close()
+        with running_label_studio(binary, tmp_path_factory.mktemp("label-studio")) as started:
+            yield started
+    except ServerFailed as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture(scope="module")
@@ -297,3 +237,33 @@ def test_a_server_dying_mid_push_leaves_no_duplicates_on_rerun(server, predicted
     assert "added 5 tasks, 3 were there already" in result.output
     files = [t["data"]["segcli_file"] for t in server.tasks(project_id)]
     assert len(files) == 8 == len(set(files))
+
+
+def test_predict_format_label_studio_imports_into_a_real_project(server, predicted, tmp_path):
+    """The file `predict --format label-studio` writes is what Label Studio's import takes: every
+    image a task with its pre-annotations, the image served from the local files by its path."""
+    from segcli.writers.label_studio import labeling_config
+
+    root, images = predicted
+    tasks_file = tmp_path / "tasks.json"
+    result = CliRunner().invoke(app, ["predict", str(images), "--weights", "shapes_demo", "--format", "label-studio",
+                                      "--masks", "polygon", "--out", str(tasks_file), "-q"])
+    assert result.exit_code == 0, result.output
+    project = server.api("POST", "/api/projects", {"title": "from-predict",
+                                                    "label_config": labeling_config(list(synthetic_shapes().CLASSES))})
+    server.api("POST", "/api/storages/localfiles", {"project": project["id"], "path": str(images.resolve()),
+                                                     "title": "images", "use_blob_urls": True})
+    server.api("POST", f"/api/projects/{project['id']}/import", json.loads(tasks_file.read_text()))
+    tasks = server.tasks(project["id"])
+    predictions = json.loads((root / "pred.json").read_text())
+    assert sorted(t["data"]["segcli_file"] for t in tasks) == sorted(i["file_name"] for i in predictions["images"])
+    detections = {i["file_name"]: sum(a["image_id"] == i["id"] for a in predictions["annotations"])
+                  for i in predictions["images"]}
+    for task in tasks:
+        [prediction] = task["predictions"]  # the server kept the pre-annotations as given
+        assert prediction["model_version"].startswith("segcli")
+        assert all(r["type"] == "polygonlabels" for r in prediction["result"])
+        assert len(prediction["result"]) >= detections[task["data"]["segcli_file"]] > 0  # a region per part
+    with urllib.request.urlopen(urllib.request.Request(server.url + tasks[0]["data"]["image"],
+                                headers={"Authorization": f"Token {TOKEN}"}), timeout=30) as response:
+        assert response.status == 200 and response.read(8) == b"\x89PNG\r\n\x1a\n"
