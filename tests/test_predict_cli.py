@@ -126,7 +126,7 @@ def test_bad_inputs_are_skipped_with_one_line_each_and_exit_code_1(checkpoint, t
         (["predict", "{photo}", "--weights", "{checkpoint}", "--format", "xml"], 2, "--format"),
         (["predict", "{photo}", "--no-such-flag"], 2, "no-such-flag"),
         (["predict", "{photo}", "--weights", "{checkpoint}", "--format", "yolo", "--out", "{tmp}/y.json"], 2, "folder"),
-        (["predict", "{photo}", "--weights", "{checkpoint}", "--out", "{tmp}/p.xml"], 2, "cannot tell the output format"),
+        (["predict", "{photo}", "--weights", "{checkpoint}", "--out", "{tmp}/p.csv"], 2, "cannot tell the output format"),
         (["predict", "{photo}", "--weights", "{checkpoint}", "--classes", "unicorn"], 2, "--classes"),
         (["predict", "{photo}", "--weights", "{checkpoint}", "--vid-stride", "0"], 2, "--vid-stride"),
     ],
