@@ -30,10 +30,18 @@ def start(folder: Path, out: Path, weights: Path, *extra: str) -> subprocess.Pop
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def _lock_held(out: Path) -> bool:
+def _journal(out: Path) -> bytes:
+    try:
+        return (out.parent / f".{out.name}.segcli" / "journal.jsonl").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _lock_held(out: Path, pid: int) -> bool:
     lock = out.parent / f".{out.name}.segcli" / "lock"
     try:
-        return bool(lock.read_text().strip())  # the running segcli writes its pid there
+        # The running segcli writes its pid there once it holds the lock (a killed one's stays).
+        return lock.read_text().strip() == str(pid)
     except FileNotFoundError:
         return False
 
@@ -53,19 +61,28 @@ def reference(folder, checkpoint, tmp_path_factory):  # noqa: F811
     return out.read_bytes()
 
 
-@pytest.mark.parametrize("stagger", [True, False])
+@pytest.mark.parametrize("stagger, resume", [(True, False), (False, False), (True, True)])
 def test_a_second_run_into_the_same_output_is_refused_with_one_line(folder, checkpoint, reference, tmp_path,  # noqa: F811
-                                                                    stagger):
+                                                                    stagger, resume):
+    """Two runs, or two `--resume` runs on one state folder (a cron job that overran into the next)."""
     out = tmp_path / "same.json"
-    first = start(folder, out, checkpoint)
+    extra = ["--resume"] if resume else []
+    if resume:  # a state folder with part of the work done: both would resume from it
+        first = start(folder, out, checkpoint)
+        deadline = time.time() + 120
+        while b'"done"' not in _journal(out) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=60)
+    first = start(folder, out, checkpoint, *extra)
     if stagger:
         # The first holds the lock, and is held still (SIGSTOP) while the second runs: the second
         # must stop at once, whatever the speed of the machine.
         deadline = time.time() + 120
-        while not _lock_held(out) and first.poll() is None and time.time() < deadline:
+        while not _lock_held(out, first.pid) and first.poll() is None and time.time() < deadline:
             time.sleep(0.005)
         first.send_signal(signal.SIGSTOP)
-        second = start(folder, out, checkpoint)
+        second = start(folder, out, checkpoint, *extra)
         _, refused = second.communicate(timeout=300)
         first.send_signal(signal.SIGCONT)
         assert first.wait(timeout=300) == 0, first.stderr.read()
