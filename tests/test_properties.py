@@ -190,8 +190,25 @@ def cut_objects(draw):
     return obj.astype(bool), tile_windows(height, width, tile, overlap), draw(st.randoms(use_true_random=False))
 
 
+class _Scores:
+    """Stands for the strategy's random source: the given scores, in turn."""
+
+    def __init__(self, *scores: float) -> None:
+        self.scores = list(scores)
+
+    def uniform(self, low: float, high: float) -> float:
+        return self.scores.pop(0)
+
+
+def _corner_pair() -> np.ndarray:
+    obj = np.zeros((40, 41), bool)
+    obj[0, 0:2] = True  # 1 pixel over the second tile's left edge, which scores best
+    return obj
+
+
 @settings(max_examples=150, **BOUNDED)
 @given(cut_objects(), st.sampled_from(["iou", "ios"]))
+@example((_corner_pair(), [(0, 0, 40, 40), (1, 0, 41, 40)], _Scores(0.6, 0.9)), "iou")
 def test_an_object_cut_by_seams_is_found_once_with_its_own_mask(case, match):
     obj, windows, rng = case
     pieces = [p for k, w in enumerate(windows) if (p := _piece(k, w, obj, round(rng.uniform(0.5, 1.0), 4)))]
