@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -18,7 +19,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
@@ -31,6 +33,50 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def temporary_prefix(path: Path) -> str:
+    """The name a temporary file beside `path` starts with: `.NAME.HOST-PID.`; atomic_write
+    removes such files of dead writers (see _remove_stale_temporaries). End the name with `.tmp`."""
+    return f".{path.name}.{_owner()}."
+
+
+def _owner() -> str:
+    """Who writes a temporary file: `host-pid`, so that a later writer can tell a dead one's."""
+    return f"{socket.gethostname().replace('.', '-')}-{os.getpid()}"
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove temporary files of `path` whose writer, on this host, is no longer running.
+
+    A writer killed by SIGKILL (a cron job's timeout, the OOM killer) cannot remove its temporary
+    file, and each retry would leave another: as large as the output itself. Only files named by
+    this host (another machine on a shared filesystem may be writing its own) and whose process
+    is gone are removed; a live process's file, or a name not ours, is never touched."""
+    host = socket.gethostname().replace(".", "-")
+    prefix = f".{path.name}.{host}-"
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid = name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(path.parent / name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, run by someone else
+        return True
+    return True
 
 
 def new_file_mode() -> int:

@@ -271,7 +271,8 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
 def test_huge_png_refused_from_header(tmp_path):
     ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
     (tmp_path / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr))
-    assert _reason(tmp_path / "bomb.png") == "image too large (100000x100000 pixels)"
+    assert _reason(tmp_path / "bomb.png") == ("image too large (100000x100000 pixels; the limit is 400_000_000: "
+                                              "set SEGCLI_MAX_PIXELS to raise it)")
 
 
 def test_huge_bmp_refused(tmp_path):

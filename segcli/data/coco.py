@@ -20,6 +20,7 @@ contiguous, map to labels 1..K in increasing id order (0 is the background) and 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from segcli.errors import UsageError
+from segcli.ops.rle_crops import rle_counts
 
 EXIF_ORIENTATION = 0x0112
 MIN_BOX_SIDE = 1.0  # pixels; thinner boxes have no defined regression target
@@ -127,19 +129,59 @@ def load_categories(path: Path, data: dict) -> list[dict]:
     return [{"id": cid, "name": seen[cid]} for cid in sorted(seen)]
 
 
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+POLYGON_REACH = 4  # polygon coordinates may lie this many image sizes outside the image, no more
+
+
+def polygon_readable(points: object, height: int, width: int) -> bool:
+    """Whether pycocotools can rasterize `points` ([x1, y1, x2, y2, ...]) safely: at least 3
+    points of finite numbers near the image. pycocotools' polygon rasterizer crashes the process on
+    NaN or None coordinates (a segmentation fault) and allocates memory in proportion to the
+    outline's length, so a single coordinate of 1e12 ends in the kernel's out-of-memory kill."""
+    if not (isinstance(points, list) and len(points) >= 6 and len(points) % 2 == 0):
+        return False
+    reach = POLYGON_REACH * max(height, width, 1)
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and -reach <= v <= reach
+               for v in points)
+
+
+def rle_readable(segmentation: dict, height: int, width: int) -> bool:
+    """Whether an RLE's `counts` (a compressed string, or a list of run lengths) are runs that
+    fill exactly a `height` x `width` image. pycocotools checks nothing of this until it decodes
+    (then a ValueError mid-training or mid-evaluation); counts of another type are a TypeError."""
+    counts = segmentation.get("counts")
+    if isinstance(counts, list):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+            return False
+        runs = counts
+    elif isinstance(counts, (str, bytes)):
+        try:
+            runs = rle_counts({"counts": counts}).tolist()
+        except (UnicodeError, ValueError):
+            return False
+        if any(v < 0 for v in runs):
+            return False
+    else:
+        return False
+    return sum(runs) == height * width
 
 
 def check_segmentation(segmentation: object, width: int, height: int) -> tuple[list | dict | None, str | None]:
     """(usable segmentation, None) or (None, why it is unusable). Degenerate polygon parts are
     dropped when others remain."""
     if isinstance(segmentation, list):
-        parts = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-                 and all(isinstance(v, (int, float)) for v in p)]
+        parts = [p for p in segmentation if polygon_readable(p, height, width)]
         parts = [p for p in parts if _polygon_area(p) > 0]
         if not parts:
-            return None, "degenerate polygon (fewer than 3 points or zero area)"
+            return None, ("degenerate polygon (fewer than 3 points, zero area, or coordinates that are not "
+                          "finite numbers near the image)")
         return parts, None
     if isinstance(segmentation, dict):
         size = segmentation.get("size")
@@ -147,11 +189,13 @@ def check_segmentation(segmentation: object, width: int, height: int) -> tuple[l
             return None, "malformed RLE (needs 'size' and 'counts')"
         if list(size) != [height, width]:
             return None, f"RLE size {size} does not match the image's {height}x{width}"
+        if not rle_readable(segmentation, height, width):
+            return None, "malformed RLE (counts are not run lengths that fill the image)"
         try:
             rle = segmentation if isinstance(segmentation["counts"], str) else mask_utils.frPyObjects(segmentation, height, width)
             if float(mask_utils.area(rle)) <= 0:
                 return None, "empty RLE mask"
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # negative counts overflow uint32
             return None, f"malformed RLE ({exc})"
         return segmentation, None
     return None, "no segmentation"
@@ -217,7 +261,10 @@ def load_coco(annotation_file: str | os.PathLike, images_dir: str | os.PathLike 
                             f"the annotations say {width}x{height}; skipped")
             continue
         records[image_id] = ImageRecord(image_id, file_path, str(image["file_name"]), width, height)
-    crowd = _read_annotations(data.get("annotations") or [], records, label_of, warnings)
+    annotations = data.get("annotations") or []
+    if not isinstance(annotations, list):  # `"annotations": true` or `5`: iterating it would raise
+        raise _fatal(path, f"'annotations' is not a list (it is {type(annotations).__name__})")
+    crowd = _read_annotations(annotations, records, label_of, warnings)
     if not records:
         hint = f" ({missing_files} image files not found under {root}; pass --images?)" if missing_files else ""
         raise _fatal(path, f"no usable images{hint}")
@@ -260,14 +307,15 @@ def _read_annotations(annotations: list, records: dict[int, ImageRecord], label_
             warnings.append(f"{where}: {'duplicate' if isinstance(ann_id, int) else 'missing'} id; skipped")
             continue
         seen_ids.add(ann_id)
-        record = records.get(ann.get("image_id"))
+        # Ids of any JSON type reach here (a list is unhashable: a TypeError, not a warning).
+        record = records.get(ann.get("image_id")) if _is_id(ann.get("image_id")) else None
         if record is None:
             warnings.append(f"{where}: unknown or skipped image; skipped")
             continue
         if ann.get("iscrowd"):
             crowd += 1
             continue
-        label = label_of.get(ann.get("category_id"))
+        label = label_of.get(ann.get("category_id")) if _is_id(ann.get("category_id")) else None
         if label is None:
             warnings.append(f"{where}: unknown category id {ann.get('category_id')!r}; skipped")
             continue
@@ -296,7 +344,9 @@ def _mask_bbox(segmentation: list | dict, height: int, width: int) -> list[float
 
 def _clipped_box(bbox: object, width: int, height: int) -> tuple[tuple[float, float, float, float] | None, str | None]:
     """COCO [x, y, w, h] -> xyxy clipped to the image, with a note when it was outside."""
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+    # JSON (as Python reads it) has NaN and Infinity: such a box would pass the size test below.
+    if not (isinstance(bbox, list) and len(bbox) == 4
+            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
         return None, "no bbox"
     x, y, w, h = (float(v) for v in bbox)
     x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))

@@ -17,7 +17,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 20_000 * 20_000
-"""Largest image (width * height) `read_image` decodes; checked from the header, before decoding."""
+"""Largest image (width * height) `read_image` decodes by default; checked from the header,
+before decoding (a decompression bomb: a small file whose header claims a huge image)."""
+MAX_PIXELS_ENV = "SEGCLI_MAX_PIXELS"
+"""Environment variable that raises (or lowers) that limit, for slide scans and orthophotos."""
 
 # Pillow refuses images above 2 * Image.MAX_IMAGE_PIXELS (about 179 M pixels by default) on open,
 # which is stricter than our documented limit and would turn a 15000x15000 slide scan into an
@@ -54,7 +57,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
       balance is kept; non-finite floats become 0). Microscopy 16-bit images typically use a small
       part of the 0..65535 range, and dividing by 257 would make them black. A constant image
       becomes all 0.
-    - Images over `MAX_PIXELS` are refused from their header size, before any pixel is decoded.
+    - Images over `max_pixels()` (MAX_PIXELS, or `SEGCLI_MAX_PIXELS`) are refused from their
+      header size, before any pixel is decoded.
       (Files Pillow cannot identify are handed to OpenCV, whose own limit, 2**30 pixels, applies.)
     - Never raises anything but `ImageReadError` for a bad file; truncated files are errors (we do
       not set ``ImageFile.LOAD_TRUNCATED_IMAGES``: half a photo would give silently wrong masks).
@@ -100,7 +104,28 @@ def _os_reason(exc: OSError) -> str:
     return f"read error ({exc.strerror or exc})"
 
 
+def max_pixels() -> int:
+    """The pixel limit: `SEGCLI_MAX_PIXELS` (a positive whole number; `_` separators allowed), else
+    MAX_PIXELS. UsageError for another value: `segcli predict` checks it before any work."""
+    from segcli.errors import UsageError
+
+    text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not text:
+        return MAX_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise UsageError(f"{MAX_PIXELS_ENV}={text!r}: expected a positive whole number of pixels "
+                         f"(width x height; the default is {MAX_PIXELS:_})")
+    return value
+
+
 def _read_open_file(path: Path, handle) -> np.ndarray:
+    limit = max_pixels()
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
+        Image.MAX_IMAGE_PIXELS = limit  # Pillow's own bomb check must not be stricter than ours
     png = _png_header(handle)
     if png is not None:
         width, height, bit_depth, colour_type = png
@@ -138,8 +163,11 @@ def _png_header(handle) -> tuple[int, int, int, int] | None:
 
 
 def _check_size(path: Path, width: int, height: int) -> None:
-    if width * height > MAX_PIXELS:
-        raise ImageReadError(path, f"image too large ({width}x{height} pixels)")
+    limit = max_pixels()
+    if width * height > limit:
+        # Say how to go on: the limit guards against decompression bombs, not against real scans.
+        raise ImageReadError(path, f"image too large ({width}x{height} pixels; the limit is {limit:_}: "
+                                   f"set {MAX_PIXELS_ENV} to raise it)")
     if width == 0 or height == 0:
         raise ImageReadError(path, f"image has no pixels ({width}x{height})")
 
@@ -147,7 +175,8 @@ def _check_size(path: Path, width: int, height: int) -> None:
 def _bomb_reason(message: str) -> str:
     # Pillow only says how many pixels; only reached for non-PNG files over 2 * MAX_PIXELS.
     found = re.search(r"\((\d+) pixels\)", message)
-    return f"image too large ({found.group(1)} pixels)" if found else "image too large"
+    hint = f"set {MAX_PIXELS_ENV} to raise the limit"
+    return f"image too large ({found.group(1)} pixels; {hint})" if found else f"image too large ({hint})"
 
 
 def _is_deep_colour_tiff(image: Image.Image) -> bool:

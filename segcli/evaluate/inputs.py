@@ -25,6 +25,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from segcli.data.coco import polygon_readable, rle_readable
 from segcli.errors import UsageError
 
 MAX_NAMED = 5  # how many examples a warning names before it says "..."
@@ -236,10 +237,16 @@ def _plain_mask(segmentation: Any, height: int, width: int, label: str) -> bool:
     of at least 3 points, or RLE of the image's size. False for outlines it cannot read (empty,
     fewer than 3 points). UsageError for anything that is not a mask at all."""
     if isinstance(segmentation, list):
-        return bool(segmentation) and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segmentation)
+        # Coordinates are checked too: pycocotools crashes the process on NaN or None in a
+        # polygon, and runs out of memory on huge ones (see polygon_readable).
+        return bool(segmentation) and all(polygon_readable(p, height, width) for p in segmentation)
     if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        if list(segmentation["size"]) != [height, width]:
-            raise UsageError(f"{label}: mask size {list(segmentation['size'])} is not its image's [{height}, {width}]")
+        if _rle_size(segmentation) != [height, width]:
+            raise UsageError(f"{label}: mask size {segmentation['size']!r} is not its image's [{height}, {width}]")
+        # pycocotools would fail on such counts only when COCOeval reads them: say it now.
+        if not rle_readable(segmentation, height, width):
+            raise UsageError(f"{label}: malformed RLE (counts are not run lengths that fill its "
+                             f"{height}x{width} image)")
         return True
     raise UsageError(f"{label}: segmentation is neither polygons nor RLE")
 
@@ -248,7 +255,7 @@ def _mask_rle(segmentation: Any, height: int, width: int, label: str) -> dict:
     """Any polygon or RLE mask as one compressed RLE; outlines of fewer than 3 points are dropped."""
     try:
         if isinstance(segmentation, list):
-            polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+            polygons = [p for p in segmentation if polygon_readable(p, height, width)]
             if not polygons:
                 return mask_utils.encode(np.zeros((height, width, 1), np.uint8, order="F"))[0]
             return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
@@ -410,10 +417,17 @@ def normalize_results(gt: COCO, annotations: list, where: str = "predictions", w
 def _prediction_rle(segmentation: Any, height: int, width: int, label: str) -> dict | str | None:
     if segmentation is None:
         return None
-    if isinstance(segmentation, dict) and "size" in segmentation and list(segmentation["size"]) != [height, width]:
+    if isinstance(segmentation, dict) and "size" in segmentation and _rle_size(segmentation) != [height, width]:
         return "wrong size"
     # An empty or degenerate outline is still a detection: one with an empty mask.
     return _mask_rle(segmentation, height, width, label)
+
+
+def _rle_size(segmentation: dict) -> Any:
+    """An RLE's `size` as a list to compare with [height, width]; whatever else a file holds there
+    (a number, null: `list()` of it would raise) as it is, which compares unequal."""
+    size = segmentation["size"]
+    return list(size) if isinstance(size, (list, tuple)) else size
 
 
 def _match_images(gt: COCO, images: list, where: str, warnings: list[str]) -> dict[int, int]:

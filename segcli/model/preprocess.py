@@ -29,9 +29,12 @@ class ResizePolicy:
     max_size: int
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """Resized (height, width), computed as torchvision does (double precision, floor)."""
+        """Resized (height, width), computed as torchvision does (double precision, floor), but
+        never 0: a strip like 65535 x 1 floors its short side to 0 pixels, on which interpolate
+        (and cv2.resize for the sliced whole-image pass) raise and end the whole run with a
+        traceback. Sizes torchvision gives as 1 or more are unchanged."""
         scale = min(float(self.min_size) / min(height, width), float(self.max_size) / max(height, width))
-        return math.floor(height * scale), math.floor(width * scale)
+        return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
 
 
 @dataclass

@@ -116,7 +116,28 @@ class PartRecord:
 
     @classmethod
     def from_json(cls, data: dict) -> PartRecord:
-        return cls(**{**data, "span": Span(**data["span"])})
+        """The record a `.shard` file holds; ValueError for anything else. Records are small files
+        people copy, and may edit: every field is checked for its type and range here, or a
+        string where a number belongs would be a TypeError deep inside merge (a traceback), and
+        a span outside its inputs a wrong merge."""
+        fields = {"span": dict, "shard": str, "format": str, "fingerprint": dict, "records": int, "part_bytes": int,
+                  "part_sha256": str, "version": int}
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        unknown, missing = set(data) - set(fields), set(fields) - set(data) - {"version"}
+        if unknown or missing:
+            raise ValueError(f"fields {sorted(missing)} missing, {sorted(unknown)} unknown")
+        for key, kind in fields.items():
+            if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
+                raise ValueError(f"{key!r} is not a {kind.__name__}")
+        if data["records"] < 0 or data["part_bytes"] < 0:
+            raise ValueError("negative counts")
+        span = data["span"]
+        if (set(span) != {"start", "stop", "total", "digest"} or not isinstance(span["digest"], str)
+                or not all(isinstance(span[k], int) and not isinstance(span[k], bool) for k in ("start", "stop", "total"))
+                or not 0 <= span["start"] <= span["stop"] <= span["total"]):
+            raise ValueError(f"'span' is not inputs [start, stop) of total: {span!r}")
+        return cls(**{**data, "span": Span(**span)})
 
 
 def record_path(part: Path) -> Path:

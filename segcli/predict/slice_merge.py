@@ -234,7 +234,12 @@ def _merge_group(group: list[Piece], masks: _CropCache, image_size: tuple[int, i
     if merge == "nms":
         chosen = [best]
     else:
-        saw_all = (p for p in group if p.source != WHOLE_IMAGE and all(_inside(q.rect, p.window) for q in group))
+        # A cut piece did not see the whole object, even where the others lie inside its window up
+        # to the edge margin: chosen (it may score best), its mask lacks the part beyond its tile's
+        # edge (found by the property test in tests/test_properties.py: a 2-pixel object 1 pixel
+        # over a tile's edge came out as 1 pixel).
+        saw_all = (p for p in group if p.source != WHOLE_IMAGE and not p.cut
+                   and all(_inside(q.rect, p.window) for q in group))
         chosen = next(([p] for p in saw_all), group)
     box = np.concatenate([np.min([p.box[:2] for p in chosen], axis=0), np.max([p.box[2:] for p in chosen], axis=0)])
     drawn = [p for p in chosen if p.crop_rle is not None]

@@ -18,7 +18,7 @@ from typing import IO, Iterable
 
 import numpy as np
 
-from segcli.atomic import atomic_write
+from segcli.atomic import atomic_write, temporary_prefix
 from segcli.ops.rle import rle_area
 
 
@@ -73,8 +73,9 @@ class CocoWriter:
 
     def _spool(self, what: str) -> IO[bytes]:
         # Beside the output: same disk as the result, and visible to whoever cleans that folder.
+        # Named by host and pid: the next atomic write of this output removes spools a SIGKILL left.
         return tempfile.NamedTemporaryFile(
-            "w+b", prefix=f".{self.path.name}.", suffix=f".{what}.tmp", dir=self.path.parent, delete=False
+            "w+b", prefix=temporary_prefix(self.path), suffix=f".{what}.tmp", dir=self.path.parent, delete=False
         )
 
     def __enter__(self) -> CocoWriter:

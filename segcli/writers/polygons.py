@@ -114,7 +114,21 @@ def _grown(exterior: np.ndarray, holes: list[np.ndarray], tolerance: float):
     # The ring itself also covers its pixels where the polygon is thinner than a pixel.
     ring = np.asarray(polygon.exterior.coords) if isinstance(polygon, Polygon) and not polygon.is_empty else exterior
     outline = shapely.LineString(np.vstack([ring, ring[:1]])).buffer(0.5, cap_style=3, join_style=_MITRE)
-    return shapely.union(grown, outline)
+    result = shapely.union(grown, outline)
+    # A ring one pixel wide traces its hole along the same pixel centres as its outside: the polygon
+    # of both is invalid, make_valid drops the hole, and the hole's pixels came out filled. Cut
+    # such lost holes out here, shrunk by the same half pixel the valid polygon's holes shrink by.
+    holes = [hole for hole in holes if len(hole) >= 3 and Polygon(hole).area > 0]
+    if _hole_count(polygon) < len(holes):
+        for hole in holes:
+            result = result.difference(Polygon(hole).buffer(-0.5, join_style=_MITRE, mitre_limit=2.0))
+    return result
+
+
+def _hole_count(geometry) -> int:
+    if isinstance(geometry, Polygon):
+        return len(geometry.interiors)
+    return sum(_hole_count(part) for part in getattr(geometry, "geoms", []))
 
 
 def _simplified(exterior: np.ndarray, holes: list[np.ndarray], tolerance: float):
