@@ -20,7 +20,8 @@ from shapely.geometry import box as shapely_box
 
 from segcli.data.coco import decode_mask, load_coco
 from segcli.errors import SegcliError
-from segcli.evaluate.inputs import ground_truth_from_dataset, normalize_results
+from segcli.evaluate.ground_truth import ground_truth_from_dataset
+from segcli.evaluate.results import normalize_results
 from segcli.ops.rle import encode_masks, rle_area
 from segcli.ops.rle_crops import MaskCrop, crop_to_rle, rle_counts, rle_to_crop
 from segcli.predict.slice_merge import Piece, merge_pieces

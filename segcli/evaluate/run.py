@@ -28,14 +28,9 @@ from pycocotools.cocoeval import COCOeval
 
 from segcli.atomic import atomic_write
 from segcli.evaluate.metrics import IOU_TYPES, STAT_NAMES
-from segcli.evaluate.inputs import (
-    GroundTruth,
-    Results,
-    load_ground_truth,
-    load_results,
-    normalize_results,
-    pycocotools_output,
-)
+from segcli.evaluate.ground_truth import GroundTruth, load_ground_truth
+from segcli.evaluate.inputs import pycocotools_output
+from segcli.evaluate.results import Results, load_results, normalize_results
 from segcli.evaluate.parallel import default_workers, run_cocoeval
 from segcli.errors import UsageError
 from segcli.paths_guard import Output, file_inputs, refuse_overwrites

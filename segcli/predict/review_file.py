@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from segcli.evaluate.inputs import _mask_rle, read_predictions
+from segcli.evaluate.inputs import read_predictions
+from segcli.evaluate.masks import mask_rle
 from segcli.predict.review import ReviewRow, review_row, write_csv
 from segcli.errors import UsageError
 from segcli.paths_guard import Output, refuse_overwrites
@@ -96,7 +97,7 @@ def _checked(record: dict, where: str) -> dict:
             if isinstance(segmentation, list) and not (isinstance(height, int) and isinstance(width, int)):
                 raise UsageError(f"{where}: {name}: polygon masks need the image's width and height")
             if not (isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes))):
-                segmentation = _mask_rle(segmentation, height, width, f"{where}: {name}")
+                segmentation = mask_rle(segmentation, height, width, f"{where}: {name}")
         instances.append({"score": float(score), "bbox": instance.get("bbox"), "segmentation": segmentation,
                           "category_id": instance.get("category_id")})
     return {"file": str(record.get("file")), "frame": record.get("frame"), "instances": instances}

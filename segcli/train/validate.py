@@ -9,7 +9,8 @@ import torch
 
 from segcli.data.coco import CocoDataset, load_json
 from segcli.data.images import read_image
-from segcli.evaluate.inputs import ground_truth_from_dataset, pycocotools_output
+from segcli.evaluate.ground_truth import ground_truth_from_dataset
+from segcli.evaluate.inputs import pycocotools_output
 from segcli.evaluate.run import evaluate_coco
 from segcli.model.maskrcnn import MaskRCNN
 from segcli.ops.rle import encode_masks
