@@ -13,7 +13,7 @@ class ExitCode(IntEnum):
     OK = 0
     SOME_INPUTS_FAILED = 1  # the run finished, but some inputs could not be read
     USAGE = 2  # bad flag, missing path, invalid argument (click's own code for usage errors)
-    MODEL = 3  # weights could not be found, downloaded, verified or loaded
+    MODEL = 3  # weights could not be found, downloaded, verified or loaded; a server or cluster unreachable
     INTERRUPTED = 130  # Ctrl-C: output written so far is valid
 
 
@@ -29,3 +29,9 @@ class UsageError(SegcliError):
 
 class WeightsError(SegcliError):
     exit_code = ExitCode.MODEL
+
+
+class ServiceError(SegcliError):
+    """A server or cluster the command needs cannot be reached, refused us, or failed."""
+
+    exit_code = ExitCode.MODEL  # 3, as for weights that cannot be had: the run cannot start

@@ -15,13 +15,11 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from segcli.errors import ExitCode, SegcliError, UsageError
+from segcli.errors import ServiceError, UsageError
 
 
-class ServerError(SegcliError):
-    """The labeling server cannot be reached, refused the token, or failed."""
-
-    exit_code = ExitCode.MODEL  # 3: model, weights or server unreachable
+class ServerError(ServiceError):
+    """The labeling server cannot be reached, refused the token, or failed (exit code 3)."""
 
 
 class LabelStudio:

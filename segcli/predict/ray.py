@@ -16,7 +16,11 @@ Ray is optional (`pip install "segcli[ray]"`); without it `--ray` is one line an
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import socket
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +28,18 @@ from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
-from segcli.errors import SegcliError, UsageError, WeightsError
+from segcli.errors import ExitCode, SegcliError, ServiceError, UsageError, WeightsError
 
 if TYPE_CHECKING:
     from segcli.predict.slicing import SliceSettings
 
 INSTALL_HINT = 'pip install "segcli[ray]"'
 CPUS_PER_ACTOR = 4  # without GPUs: one model per 4 CPUs unless --ray-actors says otherwise
+# Joining a cluster at an address: Ray itself retries an unreachable GCS for ever, so a cron job
+# given a wrong address would hang. A TCP connect first (seconds), then a limit on ray.init.
+JOIN_TIMEOUT_ENV = "SEGCLI_RAY_TIMEOUT"
+JOIN_TIMEOUT_S = 60.0
+CONNECT_TIMEOUT_S = 10.0
 
 
 def require_ray():
@@ -138,9 +147,7 @@ def run_on_ray(options, plan, model_here, items: list, stems: list[str], keys: l
     started = time.perf_counter()
     joined = not ray.is_initialized()
     if joined:
-        # Workers' stdout would reach this process's stdout, which carries data only.
-        ray.init(address=options.ray or None, log_to_driver=False, logging_level=logging.ERROR,
-                 include_dashboard=False)
+        _join(ray, options)
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # "execution finished", "progress bars disabled"
     try:
         context = RunContext(options, plan, model_here, items, stems, keys, todo, journal, stderr)
@@ -164,6 +171,76 @@ def run_on_ray(options, plan, model_here, items: list, stems: list[str], keys: l
     finally:
         if joined:
             ray.shutdown()
+
+
+def check_cluster(options) -> None:
+    """Before any work: Ray importable and, unless this process already runs a cluster, the
+    address to join (--ray-address, else RAY_ADDRESS) reachable; one line otherwise."""
+    ray = require_ray()
+    if ray.is_initialized():
+        return
+    join_timeout()  # a bad SEGCLI_RAY_TIMEOUT is a usage error before any work
+    address, named_by = _address(options)
+    if address is None or address in ("auto", "local"):
+        return  # a cluster on this machine (ray.init says so at once if there is none) or a new one
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"{named_by} {address!r}: give HOST:PORT, ray://HOST:PORT, auto or local")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except TimeoutError:
+        raise ServiceError(f"cannot reach the Ray cluster at {address} ({named_by}): "
+                           f"no answer within {CONNECT_TIMEOUT_S:g} s") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ServiceError(f"cannot reach the Ray cluster at {address} ({named_by}): {reason.lower()}") from None
+
+
+def _address(options) -> tuple[str | None, str]:
+    if options.ray:
+        return options.ray, "--ray-address"
+    return os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
+
+
+def join_timeout() -> float:
+    text = os.environ.get(JOIN_TIMEOUT_ENV, "").strip()
+    try:
+        value = float(text) if text else JOIN_TIMEOUT_S
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise UsageError(f"{JOIN_TIMEOUT_ENV}={text!r}: give the seconds ray.init may take to join, a number above 0")
+    return value
+
+
+def _join(ray, options) -> None:
+    """ray.init: join the cluster at the address, or start one here. A cluster that takes the TCP
+    connection but never answers as Ray would keep ray.init retrying for ever: past the limit, one
+    line and exit code 3 (the process exits from the watchdog thread, as ray.init cannot be cut)."""
+    address, named_by = _address(options)
+    limit = join_timeout()
+    watchdog = None
+    if address not in (None, "local"):
+        watchdog = threading.Timer(limit, _give_up, (address, named_by, limit))
+        watchdog.daemon = True
+        watchdog.start()
+    try:
+        # Workers' stdout would reach this process's stdout, which carries data only.
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, include_dashboard=False)
+    except ConnectionError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ServiceError(f"cannot join the Ray cluster at {address} ({named_by}): {reason}") from None
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+
+
+def _give_up(address: str, named_by: str, limit: float) -> None:
+    sys.stderr.write(f"segcli: error: the Ray cluster at {address} ({named_by}) did not answer within {limit:g} s "
+                     f"({JOIN_TIMEOUT_ENV} sets the limit)\n")
+    sys.stderr.flush()
+    os._exit(ExitCode.MODEL)
 
 
 def _dataset(ray, options, items: list, todo: list[int]):

@@ -66,9 +66,10 @@ def run_single(options: PredictOptions, stdin: TextIO | None = None, stderr: Tex
         todo = [i for i in range(len(items)) if journal is None or not journal.is_done(keys[i])]
         try:
             if options.ray is not None:
-                from segcli.predict.ray import driver_model, run_on_ray
+                from segcli.predict.ray import check_cluster, driver_model, run_on_ray
 
                 predictor = driver_model(options, show_progress)  # Ray importable, the model loads here
+                check_cluster(options)  # the address reachable: a wrong one is one line, not a hang
             else:
                 predictor = Predictor.load(options.weights, options.arch, options.device, options.precision,
                                            model_threshold(options), options.max_det, progress=show_progress,
