@@ -19,7 +19,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
+    remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
@@ -37,7 +37,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
 
 def temporary_prefix(path: Path) -> str:
     """The name a temporary file beside `path` starts with: `.NAME.HOST-PID.`; atomic_write
-    removes such files of dead writers (see _remove_stale_temporaries). End the name with `.tmp`."""
+    removes such files of dead writers (see remove_stale_temporaries). End the name with `.tmp`,
+    or `.tmp.EXT` where a library picks the format from the extension (overlay videos)."""
     return f".{path.name}.{_owner()}."
 
 
@@ -46,7 +47,7 @@ def _owner() -> str:
     return f"{socket.gethostname().replace('.', '-')}-{os.getpid()}"
 
 
-def _remove_stale_temporaries(path: Path) -> None:
+def remove_stale_temporaries(path: Path) -> None:
     """Remove temporary files of `path` whose writer, on this host, is no longer running.
 
     A writer killed by SIGKILL (a cron job's timeout, the OOM killer) cannot remove its temporary
@@ -60,7 +61,7 @@ def _remove_stale_temporaries(path: Path) -> None:
     except OSError:
         return
     for name in names:
-        if not (name.startswith(prefix) and name.endswith(".tmp")):
+        if not (name.startswith(prefix) and (name.endswith(".tmp") or name.rpartition(".")[0].endswith(".tmp"))):
             continue
         pid = name[len(prefix):].split(".", 1)[0]
         if not pid.isdigit() or _alive(int(pid)):

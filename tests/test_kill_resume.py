@@ -206,12 +206,19 @@ def _case(name: str, tmp_path: Path, images: Path, checkpoint: Path) -> Case:  #
             os.symlink(require(VIDEO), videos / f"v{k}.mkv")
         return Case(name, ["predict", str(videos), "--out", str(out / "t.jsonl"), "--track", "--track-low-thr", "0.05",
                            "--vid-stride", "8", *weights], [out / "t.jsonl"])
+    if name == "overlay":  # the overlay videos beside the JSON Lines: half-written ones must not stay
+        videos = tmp_path / "videos"
+        videos.mkdir()
+        for k in range(2):
+            os.symlink(require(VIDEO), videos / f"v{k}.mkv")
+        return Case(name, ["predict", str(videos), "--out", str(out / "t.jsonl"), "--overlay", str(out),
+                           "--vid-stride", "8", *weights], [out / "t.jsonl"])
     assert name == "rank"
     return Case(name, ["predict", str(images), "--out", str(out / "ddp.json"), *weights], [out / "ddp.json"], ranks=2)
 
 
 # Kills per case: 20 where a kill costs a fraction of a second, fewer for the ranks (gloo start-up).
-KILLS = {"shard": 20, "review": 20, "track": 20, "rank": 8}
+KILLS = {"shard": 20, "review": 20, "track": 20, "rank": 8, "overlay": 6}
 
 
 @pytest.mark.parametrize("name", list(KILLS))

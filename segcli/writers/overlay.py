@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segcli.atomic import atomic_write, new_file_mode
+from segcli.atomic import atomic_write, new_file_mode, remove_stale_temporaries, temporary_prefix
 from segcli.ops.rle_crops import rle_to_crop
 
 _ALPHA = 0.45
@@ -108,8 +108,11 @@ class OverlayWriter:
             fourcc, suffix = self._codec
             final = self.out / (stem + suffix)
             final.parent.mkdir(parents=True, exist_ok=True)
-            # FFmpeg picks the container from the extension, so the temporary name must end with it.
-            handle, temporary = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp" + suffix, dir=final.parent)
+            # FFmpeg picks the container from the extension, so the temporary name must end with it;
+            # named by host and pid, so that a SIGKILLed run's half-written video is removed here.
+            remove_stale_temporaries(final)
+            handle, temporary = tempfile.mkstemp(prefix=temporary_prefix(final), suffix=".tmp" + suffix,
+                                                 dir=final.parent)
             os.close(handle)
             height, width = image_rgb.shape[:2]
             writer = cv2.VideoWriter(temporary, cv2.VideoWriter_fourcc(*fourcc), fps if fps > 0 else 10.0,
