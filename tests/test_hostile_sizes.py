@@ -27,11 +27,21 @@ def _png_claiming(width: int, height: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
 
 
-def predict(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "segcli", "predict", *args, "--weights", "shapes_demo",
+# `python -m segcli`, which also writes its peak resident memory (kB) to $PEAK_FILE as it exits.
+MEASURED = ("import atexit, os, resource, runpy, sys\n"
+            "atexit.register(lambda: open(os.environ['PEAK_FILE'], 'w').write(\n"
+            "    str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
+            "sys.argv = ['segcli', *sys.argv[1:]]\n"
+            "runpy.run_module('segcli', run_name='__main__')\n")
+
+
+def predict(*args: str, env: dict | None = None, peak: Path | None = None) -> subprocess.CompletedProcess:
+    command = ["-c", MEASURED] if peak is not None else ["-m", "segcli"]
+    extra = {"PEAK_FILE": str(peak)} if peak is not None else {}
+    return subprocess.run([sys.executable, *command, "predict", *args, "--weights", "shapes_demo",
                            "--device", "cpu", "--workers", "0", "--max-det", "5"],
                           capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT), **(env or {})})
+                          env={**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT), **extra, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +66,7 @@ GOOD = {"shapes.png": (256, 256), "1x1.png": (1, 1), "1x9.png": (1, 9), "9x1.png
 
 def test_extreme_sizes_are_predicted_and_bombs_are_one_line(inputs, tmp_path):
     out = tmp_path / "out.jsonl"
-    result = predict(str(inputs), "--out", str(out))
+    result = predict(str(inputs), "--out", str(out), peak=tmp_path / "peak")
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
@@ -73,6 +83,14 @@ def test_extreme_sizes_are_predicted_and_bombs_are_one_line(inputs, tmp_path):
             x, y, w, h = instance["bbox"]
             assert 0 <= x <= x + w <= record["width"] + 0.01 and 0 <= y <= y + h <= record["height"] + 0.01
             assert instance["segmentation"]["size"] == [record["height"], record["width"]]
+    # Peak memory: the hostile inputs cost no more than a little over one ordinary image's run (the
+    # bomb is refused from its header, a 65535-pixel line is resized like any image).
+    ordinary = predict(str(inputs / "shapes.png"), "--out", str(tmp_path / "one.jsonl"), peak=tmp_path / "peak1")
+    assert ordinary.returncode == 0, ordinary.stderr[-3000:]
+    hostile_mb, ordinary_mb = (int((tmp_path / name).read_text()) / 1024 for name in ("peak", "peak1"))
+    print(f"\npeak resident memory: hostile inputs {hostile_mb:.0f} MB, one ordinary image {ordinary_mb:.0f} MB",
+          file=sys.stderr)
+    assert hostile_mb < ordinary_mb + 300, (hostile_mb, ordinary_mb)
 
 
 def test_the_pixel_limit_moves_with_segcli_max_pixels(inputs, tmp_path):
@@ -97,3 +115,40 @@ def test_the_pixel_limit_moves_with_segcli_max_pixels(inputs, tmp_path):
         assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
         assert lines[0].startswith(f"segcli: error: SEGCLI_MAX_PIXELS={value!r}: expected a positive whole number")
         assert not (tmp_path / "bad.jsonl").exists()
+
+
+def _video_changing_size(path: Path) -> None:
+    """An MPEG-TS stream whose frames change from 320x240 to 200x120 mid-stream, as concatenated
+    recordings (`cat a.ts b.ts`) and some cameras after a resolution switch give."""
+    av = pytest.importorskip("av")
+    parts = []
+    for k, (width, height) in enumerate([(320, 240), (200, 120)]):
+        part = path.with_name(f"part{k}.ts")
+        container = av.open(str(part), "w", format="mpegts")
+        stream = container.add_stream("mpeg2video", rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(8):
+            frame = np.full((height, width, 3), 40, np.uint8)
+            cv2.rectangle(frame, (10 + 4 * i, 10), (70 + 4 * i, 70), (240, 200, 30), -1)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+        container.close()
+        parts.append(part.read_bytes())
+    path.write_bytes(b"".join(parts))
+
+
+def test_a_video_whose_frames_change_size_mid_stream(tmp_path):
+    video = tmp_path / "switch.m2ts"
+    _video_changing_size(video)
+    out = tmp_path / "v.jsonl"
+    result = predict(str(video), "--out", str(out), "--vid-stride", "1")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    # OpenCV scales the later frames to the stream's first size, so every record, box and mask is
+    # in one pixel grid, the video's (that of its header).
+    assert len(records) >= 14 and {(r["width"], r["height"]) for r in records} == {(320, 240)}
+    for record in records:
+        for instance in record["instances"]:
+            x, y, w, h = instance["bbox"]
+            assert 0 <= x <= x + w <= 320.01 and 0 <= y <= y + h <= 240.01
+            assert instance["segmentation"]["size"] == [240, 320]

@@ -21,7 +21,9 @@ from segcli.errors import UsageError
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 """Image extensions (compared case-insensitively) picked up when a folder is searched."""
 
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"}
+# .mts/.m2ts: MPEG transport streams as camcorders (AVCHD) and broadcast recorders write them.
+# Not .ts: in a folder that is as often TypeScript as a stream.
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".mts", ".m2ts", ".wmv", ".flv"}
 """Video extensions picked up in folders; files given by name with these are read as videos too."""
 
 
