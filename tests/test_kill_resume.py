@@ -19,6 +19,7 @@ import random
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -229,3 +230,41 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_bytes(name, forkse
     tally = kill_and_resume(case, forkserver, KILLS[name], rng, tmp_path)
     print(f"\n{name}: {json.dumps(tally)}", file=sys.stderr)
     assert tally["kills"] >= KILLS[name]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_a_rank_killed_under_torchrun_then_resume(forkserver, images, checkpoint, tmp_path):  # noqa: F811
+    """The real launcher: SIGKILL of rank 2 once it has finished an input; torchrun stops rank 1
+    and fails; the rerun with --resume writes the bytes of one process over every input."""
+    case = _case("rank", tmp_path, images, checkpoint)
+    case.ranks = 1  # the reference: one process (what torchrun's ranks together must equal)
+    assert _wait(case.start(forkserver, False, tmp_path / "ref.log"), 300)
+    out = case.outputs[0]
+    reference = out.read_bytes()
+    out.unlink()
+    shutil.rmtree(out.parent / f".{out.name}.segcli")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "segcli", *case.argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    journal = out.parent / f".{out.name}.ranks" / ".part-2-of-2.json.segcli" / "journal.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and launcher.poll() is None:
+        if journal.exists() and b'"done"' in journal.read_bytes():
+            break
+        time.sleep(0.02)
+    ranks = _children(launcher.pid)
+    assert launcher.poll() is None and len(ranks) == 2, "the ranks finished before the kill"
+    rank2 = next(pid for pid in ranks if b"LOCAL_RANK=1\0" in Path(f"/proc/{pid}/environ").read_bytes())
+    os.kill(rank2, signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=300)
+    assert launcher.returncode != 0 and not out.exists(), stderr[-3000:]
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+    assert out.read_bytes() == reference
