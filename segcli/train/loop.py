@@ -17,6 +17,7 @@ from segcli.model.preprocess import ResizePolicy
 from segcli.train.checkpoints import append_metrics
 from segcli.train.log import TrainDisplay
 from segcli.train.options import METRICS, TrainOptions
+from segcli.train.timing import StepTimer
 
 
 class TrainingDiverged(SegcliError):
@@ -46,22 +47,28 @@ class Steps:
 
 def train_epoch(steps: Steps, epoch: int, iteration: int) -> tuple[int, dict]:
     """Train one epoch from `iteration`; return the iteration reached and the epoch's record
-    (mean losses, lr, images/s, seconds)."""
+    (mean losses, lr, images/s, seconds, and the mean step's time by phase: `step_ms`)."""
     options, optimizer, scaler, display = steps.options, steps.optimizer, steps.scaler, steps.display
     sums: dict[str, torch.Tensor] = {}
     epoch_start, seen = time.time(), 0
+    timer = StepTimer(split_compute=steps.device.type == "cpu")
+    timer.start()
     for batch in steps.loader:
         batch = batch.to(steps.device)
+        timer.mark("data")
         losses = steps.train_model(batch.images, batch.sizes, batch.targets, ResizePolicy(batch.min_size, steps.max_size))
         loss = sum(losses.values())
+        timer.mark("forward")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        timer.mark("backward")
         if options.clip_grad:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(steps.model.parameters(), options.clip_grad)
         scaler.step(optimizer)
         scaler.update()
         steps.scheduler.step()
+        timer.mark("optimizer")
         iteration += 1
         seen += len(batch.sizes) * steps.world_size
         for name, value in {**losses, "loss": loss}.items():
@@ -78,6 +85,7 @@ def train_epoch(steps: Steps, epoch: int, iteration: int) -> tuple[int, dict]:
             display.update(iteration, line)
             if steps.is_main:
                 append_metrics(steps.out / METRICS, line)
+        timer.step_done()
     count = max(1, len(steps.batches))
     epoch_losses = {k: float(v) / count for k, v in sums.items()}
     if not all(math.isfinite(v) for v in epoch_losses.values()):
@@ -86,5 +94,5 @@ def train_epoch(steps: Steps, epoch: int, iteration: int) -> tuple[int, dict]:
     record = {"epoch": epoch + 1, "iteration": iteration, "lr": optimizer.param_groups[0]["lr"],
               **{f"train_{k}": round(v, 5) for k, v in epoch_losses.items()},
               "images_per_s": round(seen / max(time.time() - epoch_start, 1e-9), 3),
-              "seconds": round(time.time() - epoch_start, 2)}
+              "seconds": round(time.time() - epoch_start, 2), "step_ms": timer.summary()}
     return iteration, record
