@@ -69,14 +69,37 @@ def initial_model(options: TrainOptions, dataset: CocoDataset) -> tuple[MaskRCNN
     return model, checkpoint.arch, how
 
 
-def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
-    """Train mode, except that BatchNorm keeps its statistics when fine-tuning: batches of a few
-    images would replace well-estimated statistics with noisy ones."""
+# detectron2's ResNet stages, in the order FREEZE_AT counts them: the stem, then res2..res5.
+RESNET_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+
+
+def frozen_stages(model: MaskRCNN, freeze_at: int) -> list[nn.Module]:
+    """The modules --freeze-at N freezes: the stem (N >= 1) and the first N - 1 ResNet stages."""
+    body = model.backbone.body
+    return [getattr(body, name) for names in RESNET_STAGES[:freeze_at] for name in names]
+
+
+def freeze_stages(model: MaskRCNN, freeze_at: int) -> int:
+    """No gradients for the frozen stages (so no backward through them and no optimizer state);
+    their BatchNorms keep their statistics (set_train_mode). Returns the parameters frozen."""
+    count = 0
+    for module in frozen_stages(model, freeze_at):
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+            count += parameter.numel()
+    return count
+
+
+def set_train_mode(model: nn.Module, freeze_bn: bool, freeze_at: int = 0) -> None:
+    """Train mode, except that BatchNorm keeps its statistics when fine-tuning (batches of a few
+    images would replace well-estimated statistics with noisy ones) and in frozen stages."""
     model.train()
     if freeze_bn:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
+    for stage in frozen_stages(model, freeze_at):
+        stage.eval()
 
 
 def lr_factor(iteration: int, total: int, warmup: int, schedule: str) -> float:
