@@ -112,6 +112,9 @@ def test_freeze_at_keeps_the_frozen_stages_and_jitter_sets_the_sizes(two_images,
     assert "sizes [48, 64, 80]/96" in text and "--freeze-at 2 (" in text
     meta = torch.load(summary.last, weights_only=True)["meta"]
     assert meta["input_size"] == {"min_size": 80, "max_size": 96}  # the arch's 256, held within 48..80
+    with pytest.raises(UsageError, match="was trained with --freeze-at 2; resume it with the same"):
+        run_train(_options(two_images, tmp_path / "run", weights=str(start), arch=None, freeze_at=1, min_sizes=None,
+                           scale_jitter=(48, 80), resume=True))
     assert jitter_sizes(640, 1000) == [640, 656, 672, 688, 704, 720, 736, 752, 768, 784, 800, 816, 832, 848, 864, 880,
                                        896, 912, 928, 944, 960, 976, 992, 1000]
 
@@ -132,6 +135,11 @@ def test_patience_stops_and_plots_are_drawn(two_images, tmp_path):
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in epochs if "seconds" in m] == [1, 2]
     assert "--patience 1: stopped after epoch 2 of 3" in stderr.getvalue()
+    step_ms = epochs[-1]["step_ms"]  # the breakdown, in the metrics log and on stderr
+    assert list(step_ms) == ["data", "forward", "backward", "optimizer", "other", "total"]
+    assert step_ms["forward"] > 0 and step_ms["backward"] > 0
+    assert step_ms["total"] == pytest.approx(sum(v for k, v in step_ms.items() if k != "total"), abs=0.1)
+    assert "segcli: epoch 2 step " in stderr.getvalue() and "%, backward " in stderr.getvalue()
     for name in ("loss.png", "ap.png"):
         with Image.open(plots / name) as image:
             assert image.format == "PNG" and image.size == (800, 600)

@@ -60,6 +60,7 @@ def run_train(options: TrainOptions, stderr: TextIO | None = None) -> TrainSumma
     refuse_overwrites_of_inputs(options)
     dist = dist_from_env()
     device = init_distributed(dist, options.device)
+    precision = amp_precision(options, device)  # before any work: bf16 on a CPU without it is refused
     # escaped: a file_name from the annotations with a newline in it must not split a line.
     say = (lambda text: print(f"segcli: {escaped(text, backslashes=False)}", file=stderr, flush=True)) \
         if dist.is_main and not options.quiet else (lambda text: None)
@@ -98,7 +99,6 @@ def run_train(options: TrainOptions, stderr: TextIO | None = None) -> TrainSumma
         min_sizes = options.min_sizes or default_min_sizes(arch)
     frozen = freeze_stages(model, options.freeze_at)
     max_size = options.max_size or ARCHS[arch].max_size
-    precision = amp_precision(options, device)
     model = model.to(device)
     if device.type == "cuda" or precision != "fp32":
         model = model.to(memory_format=torch.channels_last)
