@@ -129,6 +129,8 @@ def check_options(o: TrainOptions) -> None:
             raise UsageError(f"--patience must be at least 1 validation, got {o.patience}")
         if o.val_coco is None:
             raise UsageError("--patience needs --val-coco (it counts validations without a better mask AP)")
+    if o.plots is not None and not o.plots.strip():
+        raise UsageError("--plots needs a folder name")
     if o.precision is not None:
         if o.precision not in PRECISIONS:
             raise UsageError(f"--precision {o.precision!r}: choose {' or '.join(PRECISIONS)}")
