@@ -182,7 +182,7 @@ def test_bf16_is_refused_on_a_cpu_without_bf16_instructions(two_images, tmp_path
     (["--scale-jitter", "64,96", "--min-size", "64"], "--scale-jitter and --min-size both set"),
     (["--patience", "0", "--val-coco", "{coco}"], "--patience must be at least 1"),
     (["--patience", "2"], "--patience needs --val-coco"),
-    (["--plots", ""], "--plots needs a folder name"),
+    (["--plots", ""], "--plots is empty"),
     (["--plots", "{coco}"], "--plots '{coco}' is --coco '{coco}', a file; give a folder"),
     (["--precision", "fp16"], "--precision 'fp16': choose fp32 or bf16"),
     (["--precision", "fp32", "--no-amp"], "--precision and --amp/--no-amp both set the precision"),
