@@ -26,7 +26,20 @@ def parse_sizes(text: Optional[str]) -> Optional[list[int]]:
         raise UsageError(f"--min-size {text!r}: give pixel sizes separated by commas, e.g. 480,512,544") from None
 
 
-# Help shows the ~27 options in these groups, in this order.
+def parse_jitter(text: Optional[str]) -> Optional[tuple[int, int]]:
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        raise UsageError(f"--scale-jitter {text!r}: give the shortest and longest short side in pixels, "
+                         "e.g. 640,1024") from None
+
+
+# Help shows the ~32 options in these groups, in this order.
 DATA, MODEL, SCHEDULE, OUTPUT = "Data", "Model", "Schedule", "Output"
 
 
@@ -59,6 +72,11 @@ def train(
     seed: int = typer.Option(0, rich_help_panel=SCHEDULE, help="Seed of the initialization, data order and augmentation."),
     log_every: int = typer.Option(20, rich_help_panel=OUTPUT, help="Iterations between log lines and metrics.jsonl entries."),
     quiet: bool = typer.Option(False, "--quiet", "-q", rich_help_panel=OUTPUT, help="No progress or log lines on stderr."),
+    freeze_at: int = typer.Option(0, rich_help_panel=MODEL, help="Freeze the start of the ResNet, as detectron2's FREEZE_AT: 1 the stem, 2 the stem and the first stage, ... 5 all of it; 0 trains all (default)."),
+    scale_jitter: Optional[str] = typer.Option(None, rich_help_panel=DATA, help="MIN,MAX: each batch's short side drawn from MIN to MAX pixels (steps of 16), instead of --min-size's list; the long side stays within --max-size."),
+    patience: Optional[int] = typer.Option(None, rich_help_panel=SCHEDULE, help="Early stopping: end the run after this many validations without a better mask AP (needs --val-coco; best.pt keeps the best)."),
+    plots: Optional[str] = typer.Option(None, rich_help_panel=OUTPUT, help="Folder for loss.png and, with --val-coco, ap.png (mask and box AP per epoch), redrawn after every epoch."),
+    precision: Optional[str] = typer.Option(None, rich_help_panel=SCHEDULE, help="fp32 or bf16 (autocast); bf16 on a CPU needs AVX-512 BF16 or AMX (refused elsewhere: emulated, it is slower). Default: as --amp."),
 ) -> None:
     """Train or fine-tune Mask R-CNN on a COCO dataset; writes last.pt, best.pt and metrics.jsonl."""
     from segcli.train.run import TrainOptions, run_train
@@ -70,12 +88,15 @@ def train(
             warmup_iters=warmup_iters, weight_decay=weight_decay, clip_grad=clip_grad, amp=amp,
             min_sizes=parse_sizes(min_size), max_size=max_size, flip=flip, freeze_bn=freeze_bn,
             rois_per_image=rois_per_image, workers=workers, device=device, out=out, resume=resume, seed=seed,
-            log_every=log_every, quiet=quiet,
+            log_every=log_every, quiet=quiet, freeze_at=freeze_at, scale_jitter=parse_jitter(scale_jitter),
+            patience=patience, plots=plots, precision=precision,
         )
         return run_train(options)
 
     summary = run_engine(run, "the last finished epoch is in last.pt (continue with --resume)")
     if not quiet:
         best = f", best {summary.best} (mask AP {summary.best_ap:.3f})" if summary.best else ""
+        if plots is not None:
+            best += f"; plots in {plots}"
         print(f"segcli: trained {summary.iterations} iterations in {summary.seconds / 60:.1f} min; last {summary.last}{best}",
               file=sys.stderr)

@@ -7,6 +7,7 @@ import time
 from typing import TextIO
 
 from segcli.progress import Progress
+from segcli.train.timing import breakdown_text
 
 LIVE_EVERY = 5  # iterations between updates of the live display
 
@@ -55,8 +56,11 @@ class TrainDisplay:
         parts = [f"epoch {record['epoch']} done in {record['seconds']:.0f} s", f"loss {record.get('train_loss', float('nan')):.3f}"]
         if "val_segm_AP" in record:
             parts.append(f"val mask AP {record['val_segm_AP']:.3f} box AP {record['val_bbox_AP']:.3f}")
-        text = "segcli: " + ", ".join(parts)
-        if self.live:
-            self._bar.print(text)
-        else:
-            print(text, file=self.stream, flush=True)
+        lines = ["segcli: " + ", ".join(parts)]
+        if record.get("step_ms"):
+            lines.append(f"segcli: epoch {record['epoch']} {breakdown_text(record['step_ms'])}")
+        for text in lines:
+            if self.live:
+                self._bar.print(text)
+            else:
+                print(text, file=self.stream, flush=True)
