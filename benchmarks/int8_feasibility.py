@@ -22,6 +22,7 @@ machine is shared).
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import statistics
 import sys
@@ -114,9 +115,8 @@ def pt2e_backbones(backbone, calibration: list[torch.Tensor], log):
 
     inductor_config.freezing = True  # weights as constants: int8 weight prepacking and folding
     example = (calibration[0],)
-    dims = {"x": {2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}}
-    name = next(iter(__import__("inspect").signature(backbone.forward).parameters))
-    dims = {name: dims["x"]}
+    name = next(iter(inspect.signature(backbone.forward).parameters))
+    dims = {name: {2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}}
     log("torch.export of the backbone ...")
     exported = torch.export.export(copy.deepcopy(backbone).eval(), example, dynamic_shapes=dims).module()
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
@@ -150,11 +150,22 @@ def backbone_inputs(model, images: list[np.ndarray]) -> list[torch.Tensor]:
     return captured
 
 
+def unfused_backbone():
+    """The demo model's backbone+FPN in fp32, BatchNorm folded, standard modules only (predict's
+    fused oneDNN layers are custom ops that torch.export does not trace through)."""
+    from segcli.device import prepare_for_inference
+    from segcli.model.build import model_from_checkpoint
+    from segcli.model.roi_heads import DetectionSettings
+    from segcli.weights import resolve_weights
+
+    model = model_from_checkpoint(resolve_weights(WEIGHTS), DetectionSettings(score_threshold=0.05))
+    return prepare_for_inference(model, torch.device("cpu"), "fp32", fuse=False).backbone
+
+
 def route_pt2e(args, eval_set, calib_images, photos, tmp, log) -> dict:
-    loaded = predictor()
-    model = loaded.model
+    model = predictor().model  # what predict runs: fp32, fused oneDNN layers on this CPU
     calibration = backbone_inputs(model, calib_images)
-    fp32_compiled, int8_compiled = pt2e_backbones(model.backbone, calibration, log)
+    fp32_compiled, int8_compiled = pt2e_backbones(unfused_backbone(), calibration, log)
     eager = model.backbone
 
     def with_backbone(backbone):
@@ -168,28 +179,29 @@ def route_pt2e(args, eval_set, calib_images, photos, tmp, log) -> dict:
 
     inputs = [collate([read_image(p)]) for p in photos]
     log("timing (first calls compile) ...")
-    rates = timed_rounds({"eager fp32": with_backbone(eager), "compiled fp32": with_backbone(fp32_compiled),
+    rates = timed_rounds({"segcli fp32": with_backbone(eager), "compiled fp32": with_backbone(fp32_compiled),
                           "pt2e int8": with_backbone(int8_compiled)}, inputs, args.rounds)
-    print_rates(f"pt2e: demo model, whole model on {len(photos)} photos", rates, "eager fp32")
+    print_rates(f"pt2e: demo model, whole model on {len(photos)} photos", rates, "segcli fp32")
     features = [backbone_inputs(model, [read_image(p)])[0] for p in photos[:2]]
-    backbone_rates = timed_rounds({"eager fp32": lambda x, _: eager(x), "compiled fp32": lambda x, _: fp32_compiled(x),
+    backbone_rates = timed_rounds({"segcli fp32": lambda x, _: eager(x), "compiled fp32": lambda x, _: fp32_compiled(x),
                                    "pt2e int8": lambda x, _: int8_compiled(x)}, [(f, None) for f in features], args.rounds)
-    print_rates("pt2e: backbone+FPN alone", backbone_rates, "eager fp32")
+    print_rates("pt2e: backbone+FPN alone", backbone_rates, "segcli fp32")
     log("scoring ...")
     return {"pt2e int8": score(WEIGHTS, *eval_set, tmp, "pt2e", swap=int8_compiled)}
 
 
 # -- route (b): ONNX Runtime quantize_static ---------------------------------------------------------
-def route_ort(args, eval_set, calib_images, photos, tmp, log) -> dict:
+def quantize_onnx(weights: str, tag: str, calib_images: list[np.ndarray], tmp: Path, log) -> tuple[Path, Path]:
+    """(fp32 export, int8 copy): quantize_static QDQ, per-channel s8 weights, u8 activations, MinMax,
+    the Conv nodes under /backbone/ (ResNet body and FPN) only; the export's metadata kept."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from segcli.export.metadata import KEY
-    from segcli.export.runtime import load_exported
 
-    fp32_path, int8_path = tmp / "demo.onnx", tmp / "demo-int8.onnx"
-    log("segcli export --format onnx ...")
-    run_export(ExportOptions(weights=WEIGHTS, format="onnx", out=str(fp32_path), verify=False))
+    fp32_path, int8_path = tmp / f"{tag}.onnx", tmp / f"{tag}-int8.onnx"
+    log(f"segcli export --format onnx ({tag}) ...")
+    run_export(ExportOptions(weights=weights, format="onnx", out=str(fp32_path), verify=False))
     graph = onnx.load(str(fp32_path))
     convs = [n.name for n in graph.graph.node if n.op_type == "Conv" and n.name.startswith("/backbone/")]
 
@@ -201,6 +213,7 @@ def route_ort(args, eval_set, calib_images, photos, tmp, log) -> dict:
             return next(self.items, None)
 
     log(f"quantize_static: {len(convs)} Conv nodes of the backbone+FPN, calibrating on {len(calib_images)} images ...")
+    started = time.perf_counter()
     quantize_static(str(fp32_path), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
                     nodes_to_quantize=convs, extra_options={"ActivationSymmetric": False})
@@ -209,15 +222,69 @@ def route_ort(args, eval_set, calib_images, photos, tmp, log) -> dict:
         entry = quantized.metadata_props.add()
         entry.key, entry.value = KEY, next(p.value for p in graph.metadata_props if p.key == KEY)
         onnx.save(quantized, str(int8_path))
-    print(f"\nort: {len(convs)} Conv nodes quantized; {fp32_path.stat().st_size / 1e6:.1f} MB -> {int8_path.stat().st_size / 1e6:.1f} MB")
-    fp32_model, _ = load_exported(str(fp32_path), threads=torch.get_num_threads())
-    int8_model, _ = load_exported(str(int8_path), threads=torch.get_num_threads())
+    print(f"\nort {tag}: {len(convs)} Conv nodes quantized in {time.perf_counter() - started:.0f} s; "
+          f"{fp32_path.stat().st_size / 1e6:.1f} MB -> {int8_path.stat().st_size / 1e6:.1f} MB; {ort_kernels(int8_path, tmp)}")
+    return fp32_path, int8_path
+
+
+def ort_kernels(path: Path, tmp: Path) -> str:
+    """Which convolution kernels ONNX Runtime's optimized graph holds (QDQ pairs fused into QLinearConv?)."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp / f"{path.stem}-optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    counts = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    names = ("QLinearConv", "Conv", "FusedConv", "NchwcConv", "QuantizeLinear", "DequantizeLinear")
+    return "optimized graph: " + ", ".join(f"{n} x{counts[n]}" for n in names if counts[n])
+
+
+def route_ort(args, eval_set, calib_images, photos, tmp, log) -> dict:
+    from segcli.export.runtime import load_exported
+
+    fp32_path, int8_path = quantize_onnx(WEIGHTS, "demo", calib_images, tmp, log)
+    threads = torch.get_num_threads()
     inputs = [collate([read_image(p)]) for p in photos]
-    rates = timed_rounds({"ort fp32": fp32_model, "ort int8": int8_model}, inputs, args.rounds)
+    rates = timed_rounds({"ort fp32": load_exported(str(fp32_path), threads=threads)[0],
+                          "ort int8": load_exported(str(int8_path), threads=threads)[0]}, inputs, args.rounds)
     print_rates(f"ort: demo model, whole exported graph on {len(photos)} photos", rates, "ort fp32")
+    if args.r50:
+        route_ort_r50(args, photos, tmp, log)
     log("scoring ...")
     return {"ort fp32": score(str(fp32_path), *eval_set, tmp, "ort-fp32"),
             "ort int8": score(str(int8_path), *eval_set, tmp, "ort-int8")}
+
+
+def route_ort_r50(args, photos, tmp, log) -> None:
+    """R50-FPN v1 (seeded, ~10 detections per image): speed, and int8's agreement with its fp32 export."""
+    from benchmarks.common import seeded_state_dict
+    from benchmarks.cpu_runtimes import segcli_loop
+    from benchmarks.predict_throughput import mask_ap, match_fraction
+    from segcli.categories import COCO_LABELS
+    from segcli.export.runtime import load_exported
+    from segcli.weights import save_checkpoint
+
+    log("R50: seeded weights ...")
+    checkpoint = tmp / "r50.pt"
+    save_checkpoint(checkpoint, seeded_state_dict("maskrcnn_resnet50_fpn", real_photos(2)), "maskrcnn_resnet50_fpn",
+                    [{"id": i, "name": n} for i, n in enumerate(COCO_LABELS) if i], list(range(len(COCO_LABELS))), {"seed": 0})
+    calibration = [read_image(p) for p in real_photos(8 + len(photos))[len(photos):]]  # photos not timed
+    fp32_path, int8_path = quantize_onnx(str(checkpoint), "r50", calibration, tmp, log)
+    threads = torch.get_num_threads()
+    inputs = [collate([read_image(p)]) for p in photos]
+    rates = timed_rounds({"ort fp32": load_exported(str(fp32_path), threads=threads)[0],
+                          "ort int8": load_exported(str(int8_path), threads=threads)[0]}, inputs, args.rounds)
+    print_rates(f"ort: R50-FPN v1 (seeded), whole exported graph on {len(photos)} photos", rates, "ort fp32")
+    _, reference = segcli_loop(fp32_path, photos, 0.5, tmp / "r50-fp32.json")
+    _, candidate = segcli_loop(int8_path, photos, 0.5, tmp / "r50-int8.json")
+    fraction, total = match_fraction(reference, candidate)
+    print(f"  R50 int8 vs its fp32 export at score > 0.5: {fraction:.0%} of {total} detections within the parity "
+          f"contract; mask AP with fp32's detections as truth {mask_ap(reference, candidate):.3f}", flush=True)
 
 
 def main() -> None:
@@ -227,6 +294,7 @@ def main() -> None:
     parser.add_argument("--calib-images", type=int, default=16)
     parser.add_argument("--photos", type=int, default=3, help="coco_tiny photos timed per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--r50", action="store_true", help="ort: also R50-FPN v1 (seeded) speed and int8/fp32 agreement")
     parser.add_argument("--work", type=Path, default=None, help="keep the shapes sets here")
     args = parser.parse_args()
     log = lambda message: print(f"  [int8] {message}", file=sys.stderr, flush=True)  # noqa: E731
