@@ -119,6 +119,7 @@ def pt2e_backbones(backbone, calibration: list[torch.Tensor], log):
     dims = {name: {2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}}
     log("torch.export of the backbone ...")
     exported = torch.export.export(copy.deepcopy(backbone).eval(), example, dynamic_shapes=dims).module()
+    split_call_sites(exported)
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(exported, quantizer)
     log(f"calibrating on {len(calibration)} images ...")
@@ -128,6 +129,21 @@ def pt2e_backbones(backbone, calibration: list[torch.Tensor], log):
     quantized = convert_pt2e(prepared)
     log("torch.compile (int8, fp32) ...")
     return torch.compile(copy.deepcopy(backbone).eval(), dynamic=True), torch.compile(quantized, dynamic=True)
+
+
+def split_call_sites(graph_module) -> None:
+    """One source partition per ReLU call: torchvision's BasicBlock/Bottleneck call one `self.relu`
+    two or three times, and X86InductorQuantizer's conv-add-relu matcher raises "Input partition has
+    more than one output node" on a module with several call sites (pytorch/ao#4478). Partitions
+    are keyed by the innermost module path in each node's nn_module_stack (non-strict export), so a
+    per-node path splits them."""
+    for node in graph_module.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or not stack:
+            continue
+        key, (path, cls) = list(stack.items())[-1]
+        if "ReLU" in str(cls):
+            stack[key] = (f"{path}__{node.name}", cls)
 
 
 def backbone_inputs(model, images: list[np.ndarray]) -> list[torch.Tensor]:
@@ -203,7 +219,19 @@ def quantize_onnx(weights: str, tag: str, calib_images: list[np.ndarray], tmp: P
     log(f"segcli export --format onnx ({tag}) ...")
     run_export(ExportOptions(weights=weights, format="onnx", out=str(fp32_path), verify=False))
     graph = onnx.load(str(fp32_path))
-    convs = [n.name for n in graph.graph.node if n.op_type == "Conv" and n.name.startswith("/backbone/")]
+    # ORT's pre-processing (its graph optimizer, constant folding): the R50 export computes its
+    # folded-BatchNorm biases with nodes, and quantize_static leaves a Conv whose bias is no
+    # initializer as DequantizeLinear -> fp32 Conv (6 of 61 fused into QLinearConv, slower than fp32).
+    source = fp32_path
+    try:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        source = tmp / f"{tag}-pre.onnx"
+        quant_pre_process(str(fp32_path), str(source), skip_symbolic_shape=True)
+    except Exception as error:  # a finding, not a stop: quantize the export as written
+        print(f"  quant_pre_process failed ({type(error).__name__}: {' '.join(str(error).split())[:200]}); quantizing the export as is")
+        source = fp32_path
+    convs = [n.name for n in onnx.load(str(source)).graph.node if n.op_type == "Conv" and n.name.startswith("/backbone/")]
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -214,7 +242,7 @@ def quantize_onnx(weights: str, tag: str, calib_images: list[np.ndarray], tmp: P
 
     log(f"quantize_static: {len(convs)} Conv nodes of the backbone+FPN, calibrating on {len(calib_images)} images ...")
     started = time.perf_counter()
-    quantize_static(str(fp32_path), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(source), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
                     nodes_to_quantize=convs, extra_options={"ActivationSymmetric": False})
     quantized = onnx.load(str(int8_path))
