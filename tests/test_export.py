@@ -367,3 +367,13 @@ def test_openvino_known_gap_float64_resize_rule(exported, eager, photos):
     model = openvino_model(exported)
     batch, sizes = collate(images_of([photos[5]]))  # 427x640
     assert_parity(eager(batch, sizes), model(batch, sizes))
+
+
+def test_floor_div_is_integer_floor_division_over_the_export_range():
+    """graph.floor_div (float32 division, floor) equals `//` for the sizes and indices the graph divides."""
+    from segcli.export.graph import floor_div
+
+    a = torch.arange(0, 2**20, 7, dtype=torch.int64)
+    for b in (1, 2, 3, 7, 32, 90, 1000, 8191):
+        assert torch.equal(floor_div(a, b), a // b), b
+        assert torch.equal(floor_div(a, torch.tensor(b)), a // b), b
