@@ -131,6 +131,17 @@ def pt2e_backbones(backbone, calibration: list[torch.Tensor], log):
     return torch.compile(copy.deepcopy(backbone).eval(), dynamic=True), torch.compile(quantized, dynamic=True)
 
 
+class Swapped(torch.nn.Module):
+    """A backbone replacement MaskRCNN accepts: it reads `backbone.body.conv1.weight` for the memory format."""
+
+    def __init__(self, run, body) -> None:
+        super().__init__()
+        self.run, self.body = run, body
+
+    def forward(self, x):
+        return self.run(x)
+
+
 def split_call_sites(graph_module) -> None:
     """One source partition per ReLU call: torchvision's BasicBlock/Bottleneck call one `self.relu`
     two or three times, and X86InductorQuantizer's conv-add-relu matcher raises "Input partition has
@@ -156,7 +167,7 @@ def backbone_inputs(model, images: list[np.ndarray]) -> list[torch.Tensor]:
             captured.append(x.clone())
             return original(x)
 
-    model.backbone = Tap()
+    model.backbone = Swapped(Tap(), original.body)
     try:
         with torch.inference_mode():
             for image in images:
@@ -183,6 +194,7 @@ def route_pt2e(args, eval_set, calib_images, photos, tmp, log) -> dict:
     calibration = backbone_inputs(model, calib_images)
     fp32_compiled, int8_compiled = pt2e_backbones(unfused_backbone(), calibration, log)
     eager = model.backbone
+    fp32_compiled, int8_compiled = Swapped(fp32_compiled, eager.body), Swapped(int8_compiled, eager.body)
 
     def with_backbone(backbone):
         def run(batch, sizes):
@@ -207,6 +219,9 @@ def route_pt2e(args, eval_set, calib_images, photos, tmp, log) -> dict:
 
 
 # -- route (b): ONNX Runtime quantize_static ---------------------------------------------------------
+REDUCE_RANGE = False  # --reduce-range: 7-bit weights, against u8s8 saturation on CPUs without VNNI
+
+
 def quantize_onnx(weights: str, tag: str, calib_images: list[np.ndarray], tmp: Path, log) -> tuple[Path, Path]:
     """(fp32 export, int8 copy): quantize_static QDQ, per-channel s8 weights, u8 activations, MinMax,
     the Conv nodes under /backbone/ (ResNet body and FPN) only; the export's metadata kept."""
@@ -244,7 +259,8 @@ def quantize_onnx(weights: str, tag: str, calib_images: list[np.ndarray], tmp: P
     started = time.perf_counter()
     quantize_static(str(source), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
-                    nodes_to_quantize=convs, extra_options={"ActivationSymmetric": False})
+                    nodes_to_quantize=convs, reduce_range=REDUCE_RANGE,
+                    extra_options={"ActivationSymmetric": False})
     quantized = onnx.load(str(int8_path))
     if not any(p.key == KEY for p in quantized.metadata_props):  # predict needs the export's metadata
         entry = quantized.metadata_props.add()
@@ -323,8 +339,12 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=3, help="coco_tiny photos timed per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--r50", action="store_true", help="ort: also R50-FPN v1 (seeded) speed and int8/fp32 agreement")
+    parser.add_argument("--reduce-range", action="store_true",
+                        help="ort: 7-bit weights (AVX2 without VNNI multiplies u8 x s8 into saturating int16 pairs)")
     parser.add_argument("--work", type=Path, default=None, help="keep the shapes sets here")
     args = parser.parse_args()
+    global REDUCE_RANGE
+    REDUCE_RANGE = args.reduce_range
     log = lambda message: print(f"  [int8] {message}", file=sys.stderr, flush=True)  # noqa: E731
     print("command: " + " ".join(["python", *sys.argv]))
     print("cpu:     " + cpu_line())
