@@ -271,7 +271,20 @@ def build_rows(kind, photos, threshold, tmp: Path, log, skip: set[str]):
     return rows, out, describe, notes
 
 
-def bench_model(kind, photos, rounds, threshold, tmp, skip):
+def rows_weights(kind: str, tmp: Path):
+    return "shapes_demo" if kind == "demo" else tmp / f"{kind}.pt"
+
+
+def print_profile(weights, photos, threshold, tmp: Path) -> None:
+    """segcli's per-stage profile (benchmarks/stage_profile.py) on the same photos: why its row is where it is."""
+    from benchmarks.stage_profile import format_profile, profile_predict
+
+    per_image, total, images, precision = profile_predict([str(p) for p in photos], str(weights), tmp, score_thr=threshold)
+    print(f"  segcli per-stage profile ({images} photos, {precision}, {load_line()}):")
+    print("\n".join("  " + line for line in format_profile(per_image, total)))
+
+
+def bench_model(kind, photos, rounds, threshold, tmp, skip, profile=False):
     log = lambda message: print(f"  [{kind}] {message}", file=sys.stderr, flush=True)  # noqa: E731
     rows, out, describe, notes = build_rows(kind, photos, threshold, tmp, log, skip)
     print(f"\nmodel {kind}: {describe}; {len(photos)} photos "
@@ -318,6 +331,8 @@ def bench_model(kind, photos, rounds, threshold, tmp, skip):
             plain = [seconds["plain"][r] / seconds["segcli"][r] for r in range(rounds)]
             line += f"; segcli / plain: {statistics.median(plain):.2f}x ({min(plain):.2f}..{max(plain):.2f}; target >= 8x)"
         print(line)
+    if profile:
+        print_profile(rows_weights(kind, tmp), photos, threshold, tmp)
     sys.stdout.flush()
 
 
@@ -328,6 +343,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--score-thr", type=float, default=0.5)
     parser.add_argument("--skip", default="", help="rows to leave out, e.g. tuned (slow without bf16 hardware)")
+    parser.add_argument("--profile", action="store_true", help="also segcli's per-stage profile per model")
     parser.add_argument("--quick", action="store_true", help="demo: 3 photos x 3 rounds; r50: 2 photos x 2 rounds, "
                         "without the tuned row where bf16 is emulated (no AMX / AVX-512 BF16)")
     args = parser.parse_args()
@@ -355,7 +371,7 @@ def main() -> None:
                     model_skip.add("tuned")
                     print(f"\n(--quick: the tuned row runs on the demo model only: this CPU has no AMX or AVX-512 BF16, "
                           f"so bf16 autocast is emulated, minutes per R50 photo)")
-            bench_model(model, photos_all[:count], rounds, args.score_thr, Path(tmp), model_skip)
+            bench_model(model, photos_all[:count], rounds, args.score_thr, Path(tmp), model_skip, args.profile)
     print(f"\nend:     {load_line()}")
 
 

@@ -174,7 +174,8 @@ def backbone_inputs(model, images: list[np.ndarray]) -> list[torch.Tensor]:
                 model(*collate([image]))
     finally:
         model.backbone = original
-    return captured
+    # Out of inference mode: torch.export and the observers need ordinary tensors.
+    return [t.clone() for t in captured]
 
 
 def unfused_backbone():
