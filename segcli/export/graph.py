@@ -44,6 +44,17 @@ OUTPUT_NAMES = ("boxes", "scores", "labels", "masks", "image_index")
 INPUT_NAMES = ("images", "sizes")
 
 
+def floor_div(a: Tensor, b: Tensor | int) -> Tensor:
+    """a // b for non-negative int64 tensors below 2**20, as float32 division and floor.
+
+    Not the integer `//` (an integer Div or Mod in ONNX): OpenVINO's CPU plugin runs those through
+    float32 with round-to-nearest, so 287 // 32 came out 9 there (openvinotoolkit/openvino#35830,
+    #37766), padding the input by 32 more pixels and moving every anchor. The float quotient of such
+    small integers is exact, or at least 1/b away from the next integer, so its floor is exact."""
+    b = b.to(torch.float32) if isinstance(b, Tensor) else float(b)
+    return torch.floor(a.to(torch.float32) / b).to(torch.int64)
+
+
 def resize_taps(src: Tensor, dst: Tensor, out_len: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Bilinear taps along one axis (align_corners=False, as F.interpolate), per image: source
     indices i0, i1 [B, out_len] and their weights w0, w1, which are zero past dst[b] (the padding)."""
@@ -107,7 +118,7 @@ class ExportableMaskRCNN(nn.Module):
         size_f = sizes.to(torch.float64)
         scale = torch.minimum(self.min_size / size_f.min(1).values, self.max_size / size_f.max(1).values)
         resized = torch.floor(size_f * scale[:, None]).to(torch.int64)
-        padded = (resized.max(0).values + (SIZE_DIVISIBLE - 1)) // SIZE_DIVISIBLE * SIZE_DIVISIBLE
+        padded = floor_div(resized.max(0).values + (SIZE_DIVISIBLE - 1), SIZE_DIVISIBLE) * SIZE_DIVISIBLE
         x = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0
         x = (x - self.mean) / self.std
         # Rows, then columns; rows past each image's resized size get zero weights: the padding.
@@ -119,7 +130,7 @@ class ExportableMaskRCNN(nn.Module):
     def anchors(self, level: int, feature: Tensor, padded: Tensor) -> Tensor:
         shape = torch._shape_as_tensor(feature)
         height, width = shape[2], shape[3]
-        stride_y, stride_x = padded[0] // height, padded[1] // width
+        stride_y, stride_x = floor_div(padded[0], height), floor_div(padded[1], width)
         shift_x = torch.arange(width, device=feature.device) * stride_x
         shift_y = torch.arange(height, device=feature.device) * stride_y
         sx = (shift_x[None, :] + 0 * shift_y[:, None]).reshape(-1)
@@ -199,7 +210,7 @@ class ExportableMaskRCNN(nn.Module):
         scores = torch.where(candidate, scores, torch.full_like(scores, -1.0))
         sorted_scores, order = scores.topk(self.candidate_count, dim=1)
         sorted_boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
-        sorted_labels = order % labels_total + 1
+        sorted_labels = order - floor_div(order, labels_total) * labels_total + 1  # order % labels_total + 1
         keep = self.nms(sorted_boxes, sorted_scores > s.score_threshold, sorted_labels, s.nms_threshold)
         keep = keep & (torch.cumsum(keep.to(torch.int64), dim=1) <= s.max_detections)
         # The one data-dependent size: the kept detections, row-major (image, then best first).
