@@ -150,15 +150,17 @@ def kill_and_resume(case: Case, context, kills: int, rng: random.Random, workdir
     landed = episodes = runs = 0
     while landed < kills:
         episodes += 1
-        resume = False
+        resume, bound = False, 1.2 * horizon
         while True:  # one episode: kill until a run completes
             runs += 1
             log = workdir / f"run{runs}.log"
             processes = case.start(context, resume, log)
-            # 1.2x the uninterrupted run: most kills land, and every episode ends (a --resume run
-            # redoes an interrupted video whole, so it can take as long as the first).
-            if _wait(processes, rng.uniform(0.0, 1.2 * horizon)):
+            # Up to 1.2x the uninterrupted run: most kills land; the bound grows with each kill of an
+            # episode, so that every episode ends however slow the machine is at the moment (a
+            # --resume run redoes an interrupted video whole, so it can take as long as the first).
+            if _wait(processes, rng.uniform(0.0, bound)):
                 break
+            bound *= 1.25
             victim = rng.randrange(len(processes))
             os.kill(processes[victim].pid, signal.SIGKILL)
             for process in processes:  # torchrun's launcher stops the other ranks
