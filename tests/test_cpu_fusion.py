@@ -125,13 +125,14 @@ def test_roi_pyramid_pools_bf16_features_into_bf16_with_one_rounding():
 
 
 def test_bf16_fused_model_stays_close_to_fp32():
+    """bf16 moves scores and boxes a little (its accuracy against ground truth is measured by
+    benchmarks/precision_accuracy.py); here it must find nearly the same objects as fp32."""
+    from torchvision.ops import box_iou
+
     from segcli.device import cpu_has_fast_bf16
 
     if not cpu_has_fast_bf16():  # emulated bf16 (AVX2 only) rounds differently; auto picks fp32 there
         pytest.skip("this CPU has no AVX-512 BF16 or AMX: segcli does not run bf16 on it")
-    """bf16 moves scores and boxes a little (its accuracy against ground truth is measured by
-    benchmarks/precision_accuracy.py); here it must find nearly the same objects as fp32."""
-    from torchvision.ops import box_iou
 
     model = seeded_model("maskrcnn_resnet18_fpn_tiny", threshold=0.1)
     fp32 = prepare_for_inference(copy.deepcopy(model), CPU, "fp32", fuse=True)
