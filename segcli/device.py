@@ -34,11 +34,44 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+# Instructions that multiply int8 vectors into int32 sums in one step. Without them (AVX2 alone) an
+# int8 layer takes several instructions per product and ONNX Runtime's int8 model runs slower than
+# float32 (benchmarks/int8_feasibility.py, AMD EPYC with AVX2: 0.87x).
+INT8_DOT_FLAGS = {"x86": ("amx_int8", "avx512_vnni", "avx_vnni"), "arm": ("asimddp", "i8mm")}
+INT8_ANYWAY_ENV = "SEGCLI_INT8_ANYWAY"  # run int8 files on such CPUs anyway (comparisons, tests)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty where /proc/cpuinfo is not there)."""
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def cpu_int8_dot_product() -> str | None:
+    """The int8 dot-product instructions this CPU has (e.g. 'avx512_vnni'), '' when they cannot be
+    read (not Linux: assumed present), None when it has none."""
+    flags = cpu_flags()
+    if not flags:
+        return ""
+    found = [f for group in INT8_DOT_FLAGS.values() for f in group if f in flags]
+    return ", ".join(found) or None
+
+
 def resolve_precision(spec: str, device: torch.device) -> str:
     """`auto` -> bf16 where the hardware runs it fast (CUDA with bf16, AMX/AVX-512 CPUs), else fp32."""
+    if spec == "int8":
+        raise UsageError("--precision int8 runs an int8 model: make one with `segcli quantize --weights W --images "
+                         "DIR --out model-int8.onnx`, then pass it with --weights")
     if spec != "auto":
         if spec not in PRECISIONS:
-            raise UsageError(f"--precision {spec!r}: choose auto, {', '.join(PRECISIONS)}")
+            raise UsageError(f"--precision {spec!r}: choose auto, {', '.join(PRECISIONS)} or int8")
         if spec == "fp16" and device.type == "cpu":
             raise UsageError("--precision fp16 is for GPUs; on a CPU use bf16 or fp32")
         return spec

@@ -9,6 +9,7 @@ from segcli.cli import export  # noqa: F401
 from segcli.cli import merge  # noqa: F401
 from segcli.cli import review  # noqa: F401
 from segcli.cli import labeling  # noqa: F401  (push, pull)
+from segcli.cli import quantize  # noqa: F401
 
 
 def main() -> None:

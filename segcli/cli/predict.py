@@ -55,7 +55,7 @@ def predict(
     weights: str = typer.Option("coco", help="Registry name, local checkpoint path, or http(s) URL."),
     arch: Optional[str] = typer.Option(None, help="Architecture of a plain torchvision state dict."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    precision: str = typer.Option("auto", help="auto (bf16 on GPUs and on CPUs with AVX-512 BF16 or AMX), fp32, bf16 or fp16."),
+    precision: str = typer.Option("auto", help="auto (bf16 on GPUs and on CPUs with AVX-512 BF16 or AMX; int8 for a model made by segcli quantize), fp32, bf16, fp16 or int8."),
     batch_size: Optional[int] = typer.Option(None, help="Images per batch (default 8 on a GPU, 1 on a CPU)."),
     workers: Optional[int] = typer.Option(
         None, help="Background decoding threads (default 1 on <= 2 CPU cores, else 2; 0 decodes inline)."

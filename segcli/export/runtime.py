@@ -157,8 +157,6 @@ def load_exported(weights: str, device: str = "auto", precision: str = "auto",
         raise WeightsError(f"{path} is not a file written by `segcli export` (.onnx or TorchScript)")
     if device not in ("auto", "cpu"):
         raise UsageError(f"--device {device}: exported models run on the CPU; use --device cpu, or the .pt checkpoint")
-    if precision not in ("auto", "fp32"):
-        raise UsageError(f"--precision {precision}: exported models run in fp32; use the .pt checkpoint for {precision}")
     if kind == "onnx":
         from segcli.export.onnx import load_onnx
 
@@ -167,7 +165,38 @@ def load_exported(weights: str, device: str = "auto", precision: str = "auto",
         from segcli.export.torchscript import load_torchscript
 
         run, metadata = load_torchscript(path)
+    stored = metadata.get("precision", "fp32")
+    if precision not in ("auto", stored):
+        if stored == "int8":
+            raise UsageError(f"--precision {precision}: {path.name} is an int8 model (segcli quantize); use "
+                             "--precision auto or int8 with it, or the weights it was made from")
+        if precision == "int8":
+            raise UsageError(f"--precision int8: {path.name} is a float32 export; make an int8 model with "
+                             f"`segcli quantize --weights W --images DIR --out model-int8.onnx`")
+        raise UsageError(f"--precision {precision}: exported models run in fp32; use the .pt checkpoint for {precision}")
+    if stored == "int8":
+        check_int8_file(path, metadata)
     meta = {"file": str(path), "exported": kind, **{k: metadata[k] for k in ("score_threshold", "max_detections")}}
     checkpoint = Checkpoint(state_dict={}, arch=metadata["arch"], categories=list(metadata["categories"]),
                             label_to_category_id=list(metadata["label_to_category_id"]), meta=meta, source=weights)
-    return ExportedModel(run, metadata, path), checkpoint
+    exported = ExportedModel(run, metadata, path)
+    exported.precision = stored
+    return exported, checkpoint
+
+
+def check_int8_file(path: Path, metadata: dict) -> None:
+    """An int8 file runs only where it is faster than float32, and only as `segcli quantize` wrote it."""
+    import os
+
+    from segcli.device import INT8_ANYWAY_ENV, cpu_int8_dot_product
+    from segcli.export.onnx import require
+
+    if cpu_int8_dot_product() is None and os.environ.get(INT8_ANYWAY_ENV) != "1":
+        raise UsageError(f"{path.name} is an int8 model, and this CPU has no int8 dot-product instructions (AVX-512 "
+                         f"VNNI, AVX-VNNI or AMX-INT8), where it runs slower than float32: use the float32 weights "
+                         f"({metadata.get('weights')}), or set {INT8_ANYWAY_ENV}=1")
+    from segcli.export.quantize import graph_digest
+
+    if graph_digest(require("onnx", f"checking {path.name}").load(str(path))) != metadata.get("graph_sha256"):
+        raise WeightsError(f"{path} does not match the checksum segcli quantize recorded in it: the file was changed "
+                           "or damaged; quantize the weights again")
