@@ -12,6 +12,8 @@ and RLE-encoded, JSON written), one photo at a time except where a runtime batch
   segcli       `segcli predict` in this process, default precision (--precision auto), its own
                clock (decode threads, batching, writing), as benchmarks/predict_throughput.py
   segcli+ort   `segcli predict --weights model.onnx` (the export through segcli's pipeline)
+  segcli-int8  `segcli quantize` (calibrated on 16 other coco_tiny photos), then `segcli predict
+               --weights model-int8.onnx`; skipped on CPUs without VNNI / AMX-INT8, where it is refused
   ort          `segcli export --format onnx` in ONNX Runtime (CPU EP, ORT_ENABLE_ALL), a user's
                loop: PIL decode, session.run, torchvision's paste_masks_in_image, encode, JSON
   ov-latency   the same ONNX file read by OpenVINO (CPU plugin, PERFORMANCE_HINT=LATENCY), same loop
@@ -62,7 +64,8 @@ from segcli.predict.options import PredictOptions  # noqa: E402
 from segcli.predict.run import run_predict  # noqa: E402
 from segcli.weights import resolve_weights, save_checkpoint  # noqa: E402
 
-ROWS = ("plain", "tuned", "segcli", "segcli+ort", "ort", "ov-latency", "ov-thruput")
+ROWS = ("plain", "tuned", "segcli", "segcli+ort", "segcli-int8", "ort", "ov-latency", "ov-thruput")
+CALIBRATION_PHOTOS = 16
 R50 = "maskrcnn_resnet50_fpn"
 
 
@@ -224,7 +227,7 @@ def prepare_model(kind: str, photos: list[Path], tmp: Path, log):
     return weights, twin.eval(), torch.tensor(label_to_category), arch, describe
 
 
-def build_rows(kind, photos, threshold, tmp: Path, log, skip: set[str]):
+def build_rows(kind, photos, threshold, tmp: Path, log, skip: set[str], calibration: list[Path]):
     weights, twin, category_of, arch, describe = prepare_model(kind, photos, tmp, log)
     threads = torch.get_num_threads()
     rows, notes = {}, []
@@ -246,6 +249,8 @@ def build_rows(kind, photos, threshold, tmp: Path, log, skip: set[str]):
     run_export(ExportOptions(weights=str(weights), format="onnx", out=str(onnx_path), verify=False))
     notes.append(f"export: {onnx_path.stat().st_size / 1e6:.0f} MB in {time.perf_counter() - started:.0f} s (opset 17, dynamic batch and size)")
     rows["segcli+ort"] = lambda p, o: segcli_loop(onnx_path, p, threshold, o)
+    if "segcli-int8" not in skip:
+        int8_row(rows, notes, weights, calibration, tmp / f"{kind}-int8.onnx", threshold, log)
     import onnxruntime as ort
 
     session_options = ort.SessionOptions()
@@ -271,6 +276,22 @@ def build_rows(kind, photos, threshold, tmp: Path, log, skip: set[str]):
     return rows, out, describe, notes
 
 
+def int8_row(rows, notes, weights, calibration: list[Path], path: Path, threshold, log) -> None:
+    """`segcli quantize` on photos the rounds do not time; the row runs its file through segcli predict."""
+    from segcli.device import cpu_int8_dot_product
+    from segcli.export.quantize import QuantizeOptions, run_quantize
+
+    if cpu_int8_dot_product() is None:
+        notes.append("segcli-int8: skipped, this CPU has no VNNI / AMX-INT8 (segcli refuses int8 files there)")
+        return
+    log(f"segcli quantize on {len(calibration)} photos ...")
+    summary = run_quantize(QuantizeOptions(weights=str(weights), images=[str(c) for c in calibration], out=str(path),
+                                           calibration_images=len(calibration), min_agreement=0.0))
+    notes.append(f"segcli-int8: {summary.quantized_layers} layers, {summary.bytes / 1e6:.0f} MB, quantized in "
+                 f"{summary.seconds:.0f} s on {len(summary.calibration)} photos; {summary.agreement}")
+    rows["segcli-int8"] = lambda p, o: segcli_loop(path, p, threshold, o)
+
+
 def rows_weights(kind: str, tmp: Path):
     return "shapes_demo" if kind == "demo" else tmp / f"{kind}.pt"
 
@@ -284,9 +305,9 @@ def print_profile(weights, photos, threshold, tmp: Path) -> None:
     print("\n".join("  " + line for line in format_profile(per_image, total)))
 
 
-def bench_model(kind, photos, rounds, threshold, tmp, skip, profile=False):
+def bench_model(kind, photos, rounds, threshold, tmp, skip, calibration, profile=False):
     log = lambda message: print(f"  [{kind}] {message}", file=sys.stderr, flush=True)  # noqa: E731
-    rows, out, describe, notes = build_rows(kind, photos, threshold, tmp, log, skip)
+    rows, out, describe, notes = build_rows(kind, photos, threshold, tmp, log, skip, calibration)
     print(f"\nmodel {kind}: {describe}; {len(photos)} photos "
           f"({', '.join(sorted({'x'.join(map(str, Image.open(p).size)) for p in photos}))}), score > {threshold}")
     for note in notes:
@@ -331,6 +352,10 @@ def bench_model(kind, photos, rounds, threshold, tmp, skip, profile=False):
             plain = [seconds["plain"][r] / seconds["segcli"][r] for r in range(rounds)]
             line += f"; segcli / plain: {statistics.median(plain):.2f}x ({min(plain):.2f}..{max(plain):.2f}; target >= 8x)"
         print(line)
+    if "segcli-int8" in seconds and "segcli" in seconds:
+        int8 = [seconds["segcli"][r] / seconds["segcli-int8"][r] for r in range(rounds)]
+        print(f"  segcli-int8 / segcli ({resolve_precision('auto', torch.device('cpu'))}): {statistics.median(int8):.2f}x "
+              f"({min(int8):.2f}..{max(int8):.2f}; target >= 1.6x over bf16)")
     if profile:
         print_profile(rows_weights(kind, tmp), photos, threshold, tmp)
     sys.stdout.flush()
@@ -371,7 +396,8 @@ def main() -> None:
                     model_skip.add("tuned")
                     print(f"\n(--quick: the tuned row runs on the demo model only: this CPU has no AMX or AVX-512 BF16, "
                           f"so bf16 autocast is emulated, minutes per R50 photo)")
-            bench_model(model, photos_all[:count], rounds, args.score_thr, Path(tmp), model_skip, args.profile)
+            calibration = photos_all[count:count + CALIBRATION_PHOTOS]  # never timed
+            bench_model(model, photos_all[:count], rounds, args.score_thr, Path(tmp), model_skip, calibration, args.profile)
     print(f"\nend:     {load_line()}")
 
 

@@ -30,6 +30,7 @@ from tests.conftest import COCO_TINY_VAL, require
 
 CLASSIFIER_SCALE = {"maskrcnn_resnet50_fpn": 2.0, "maskrcnn_resnet50_fpn_v2": 1.0}
 MASK_LOGIT_SCALE = 0.5
+MIN_PHOTOS, ENOUGH_DETECTIONS = 3, 200
 
 
 def torchvision_model(arch: str) -> torch.nn.Module:
@@ -65,7 +66,11 @@ def test_detections_match_torchvision_on_real_photos(model_pair):
     matched = dict.fromkeys(candidates, 0)
     total = dict.fromkeys(candidates, 0)
     scores = []
-    for path in photos:
+    for count, path in enumerate(photos):
+        # Photos in a fixed order until every candidate has enough detections to judge the 98% bar
+        # (each full-size R50 photo costs seconds on a 2-core CI machine; 6 took 2.5 minutes).
+        if count >= MIN_PHOTOS and min(total.values()) >= ENOUGH_DETECTIONS:
+            break
         image = np.array(Image.open(path).convert("RGB"))
         with torch.inference_mode():
             expected = reference([torch.from_numpy(image).permute(2, 0, 1).float() / 255])[0]
