@@ -81,14 +81,14 @@ def train_fruits(work: Path, train: Path, images: Path, epochs: int) -> Path:
     return run / "last.pt"
 
 
-def quantized(weights: str, calibration: list[str], tmp: Path, name: str) -> str:
+def quantized(weights: str, calibration: list[str], tmp: Path, name: str, scope: str) -> str:
     """`segcli quantize` of `weights`, calibrated on `calibration`; the int8 file's path."""
     from segcli.export.quantize import QuantizeOptions, run_quantize
 
-    out = tmp / f"{name}-int8.onnx"
-    summary = run_quantize(QuantizeOptions(weights=weights, images=calibration, out=str(out),
-                                           calibration_images=len(calibration), min_agreement=0.0))
-    print(f"  ({name} int8: {summary.quantized_layers} layers, calibrated on {len(summary.calibration)} photos in "
+    out = tmp / f"{name}-int8-{scope}.onnx"
+    summary = run_quantize(QuantizeOptions(weights=weights, images=calibration, out=str(out), scope=scope,
+                                           calibration_images=64, min_agreement=0.0))
+    print(f"  ({name} int8, --scope {scope}: {summary.quantized_layers} layers, calibrated on {len(summary.calibration)} photos in "
           f"{summary.seconds:.0f} s; {summary.agreement})", flush=True)
     return str(out)
 
@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--fruits-epochs", type=int, default=20)
     parser.add_argument("--fruits-weights", default=None, help="a fine-tuned fruits_nuts checkpoint (skips training)")
     parser.add_argument("--precisions", default="fp32,bf16,int8")
+    parser.add_argument("--int8-scope", default="all", help="segcli quantize --scope: all or backbone")
     args = parser.parse_args()
     print("command: " + " ".join(["python", *sys.argv]))
     print("machine: " + machine_line() + f"; {load_line()}\n", flush=True)
@@ -130,7 +131,7 @@ def main() -> None:
             data = json.loads(gt.read_text())
             results = {}
             for precision in precisions:
-                model = quantized(weights, calibration, Path(tmp_name), name) if precision == "int8" else weights
+                model = quantized(weights, calibration, Path(tmp_name), name, args.int8_scope) if precision == "int8" else weights
                 results[precision] = report = scores(model, gt, images, precision, Path(tmp_name))
                 segm, bbox = report["segm"], report["bbox"]
                 print(f"{name:12} {len(data['images']):>6} {len(data['annotations']):>7} {precision:9} {segm['AP']:>8.4f} "

@@ -55,7 +55,7 @@ def int8_anyway(monkeypatch):
 
 
 def test_quantized_file_records_what_was_quantized_and_its_checksum(int8_model):
-    from segcli.export.quantize import graph_digest
+    from segcli.export.metadata import graph_digest
 
     model = onnx.load(str(int8_model))
     meta = json.loads(next(p.value for p in model.metadata_props if p.key == "segcli"))

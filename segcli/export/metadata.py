@@ -7,6 +7,7 @@ model's `metadata_props` entry `segcli`. The runtime reads it back to name categ
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 from segcli.errors import WeightsError
@@ -34,3 +35,9 @@ def parse_metadata(text: str | None, where: str) -> dict:
     if missing:
         raise WeightsError(f"{where}: its segcli metadata lacks {', '.join(missing)}")
     return meta
+
+
+def graph_digest(model) -> str:
+    """sha256 of an ONNX model's graph (weights and nodes; not its metadata, which records the
+    digest): what `segcli quantize` stores as `graph_sha256` and predict checks."""
+    return hashlib.sha256(model.graph.SerializeToString()).hexdigest()

@@ -195,7 +195,7 @@ def check_int8_file(path: Path, metadata: dict) -> None:
         raise UsageError(f"{path.name} is an int8 model, and this CPU has no int8 dot-product instructions (AVX-512 "
                          f"VNNI, AVX-VNNI or AMX-INT8), where it runs slower than float32: use the float32 weights "
                          f"({metadata.get('weights')}), or set {INT8_ANYWAY_ENV}=1")
-    from segcli.export.quantize import graph_digest
+    from segcli.export.metadata import graph_digest
 
     if graph_digest(require("onnx", f"checking {path.name}").load(str(path))) != metadata.get("graph_sha256"):
         raise WeightsError(f"{path} does not match the checksum segcli quantize recorded in it: the file was changed "
