@@ -377,3 +377,20 @@ def test_floor_div_is_integer_floor_division_over_the_export_range():
     for b in (1, 2, 3, 7, 32, 90, 1000, 8191):
         assert torch.equal(floor_div(a, b), a // b), b
         assert torch.equal(floor_div(a, torch.tensor(b)), a // b), b
+
+
+def test_resized_sizes_equal_the_eager_rule_for_every_side_length():
+    """The graph's resize arithmetic gives ResizePolicy's (torchvision's) sizes for every short side
+    from 1 to 2000 px, at the small architecture's and R50's settings: 425x640 came out a row short."""
+    from segcli.export.graph import resized_sizes
+    from segcli.model.preprocess import ResizePolicy
+
+    heights = torch.arange(1, 2001, dtype=torch.int64)
+    for min_size, max_size in ((800, 1333), (512, 853)):
+        policy = ResizePolicy(min_size, max_size)
+        for width in (640, 1000, 1999):
+            sizes = torch.stack([heights, torch.full_like(heights, width)], 1)
+            got = resized_sizes(sizes, float(min_size), float(max_size)).tolist()
+            want = [list(policy.output_size(h, width)) for h in heights.tolist()]
+            bad = [(h, g, w) for h, g, w in zip(heights.tolist(), got, want) if g != w]
+            assert not bad, bad[:5]

@@ -85,6 +85,17 @@ def resize_axis(x: Tensor, taps: tuple[Tensor, Tensor, Tensor, Tensor], dim: int
     return torch.gather(x, dim, index0.expand(shape)) * weight0 + torch.gather(x, dim, index1.expand(shape)) * weight1
 
 
+def resized_sizes(sizes: Tensor, min_size: float, max_size: float) -> Tensor:
+    """[B, 2] int64 (h, w) after torchvision's resize rule, in float64 as preprocess.ResizePolicy
+    computes it in Python. Tensor / tensor on purpose: `number / tensor` runs as number *
+    reciprocal(tensor), one ulp off IEEE division, which floored 425 * (800 / 425) to 799 rows where
+    eager and torchvision have 800, and the exported R50 matched none of their detections there."""
+    size_f = sizes.to(torch.float64)
+    shortest, longest = size_f.min(1).values, size_f.max(1).values
+    scale = torch.minimum(torch.full_like(shortest, min_size) / shortest, torch.full_like(longest, max_size) / longest)
+    return torch.floor(size_f * scale[:, None]).to(torch.int64).clamp(min=1)  # never 0, as ResizePolicy
+
+
 class ExportableMaskRCNN(nn.Module):
     def __init__(self, model: MaskRCNN, backend: str, candidate_cap: int) -> None:
         super().__init__()
@@ -115,9 +126,7 @@ class ExportableMaskRCNN(nn.Module):
     def preprocess(self, images: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
         """Normalized, resized, padded input [B, 3, Hp, Wp] and resized sizes [B, 2]."""
         # torchvision's scale rule in float64, as Python computes it in preprocess.ResizePolicy.
-        size_f = sizes.to(torch.float64)
-        scale = torch.minimum(self.min_size / size_f.min(1).values, self.max_size / size_f.max(1).values)
-        resized = torch.floor(size_f * scale[:, None]).to(torch.int64)
+        resized = resized_sizes(sizes, self.min_size, self.max_size)
         padded = floor_div(resized.max(0).values + (SIZE_DIVISIBLE - 1), SIZE_DIVISIBLE) * SIZE_DIVISIBLE
         x = images.permute(0, 3, 1, 2).to(torch.float32) / 255.0
         x = (x - self.mean) / self.std
