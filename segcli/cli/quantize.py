@@ -27,7 +27,9 @@ def quantize(
 ) -> None:
     """Quantize a model to int8 for the CPU (ONNX Runtime, static, calibrated on your photos). The
     file carries a checksum that predict checks, and runs only on CPUs with int8 dot-product
-    instructions (VNNI, AMX-INT8). Needs: pip install "segcli\\[onnx]"."""
+    instructions (VNNI, AMX-INT8).
+
+    Needs the ONNX extra: pip install "segcli\\[onnx]"."""
     from segcli.export.quantize import QuantizeOptions, run_quantize
 
     options = QuantizeOptions(weights=weights, images=list(images), out=out, arch=arch,
