@@ -58,7 +58,7 @@ from benchmarks.cli_throughput import load_line  # noqa: E402
 from benchmarks.common import COCO_TINY, seeded_state_dict, torchvision_model  # noqa: E402
 from benchmarks.predict_throughput import mask_ap, match_fraction, read_coco_predictions  # noqa: E402
 from segcli.categories import COCO_LABELS  # noqa: E402
-from segcli.device import cpu_has_fast_bf16, resolve_precision  # noqa: E402
+from segcli.device import cpu_flags, cpu_has_fast_bf16, resolve_precision  # noqa: E402
 from segcli.export.run import ExportOptions, run_export  # noqa: E402
 from segcli.predict.options import PredictOptions  # noqa: E402
 from segcli.predict.run import run_predict  # noqa: E402
@@ -73,7 +73,7 @@ R50 = "maskrcnn_resnet50_fpn"
 def cpu_line() -> str:
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    flags = cpu_flags()
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
     have = [f for f in wanted if f in flags]
     missing = [f for f in wanted if f not in flags]

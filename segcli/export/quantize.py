@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from segcli.atomic import atomic_write
-from segcli.data.images import ImageReadError, read_image
 from segcli.data.sources import expand_sources
 from segcli.errors import UsageError, WeightsError
 from segcli.export.metadata import graph_digest
@@ -134,16 +133,6 @@ def split_photos(specs: list[str], count: int) -> tuple[list[Path], list[Path]]:
     return picked, spread(others, HELD_OUT) or picked[:HELD_OUT]
 
 
-def load_photos(paths: list[Path]) -> list[np.ndarray]:
-    photos = []
-    for path in paths:
-        try:
-            photos.append(read_image(path))
-        except ImageReadError as error:
-            raise UsageError(f"--images: {error}") from None
-    return photos
-
-
 def layers_to_quantize(model, scope: str) -> list[str]:
     """Names of the Conv / Gemm / MatMul nodes to rewrite, predictor layers excluded."""
     names = []
@@ -187,14 +176,10 @@ def _calibrate_and_quantize(source: Path, target: Path, layers: list[str], photo
                     extra_options={"ActivationSymmetric": False})
 
 
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from torchvision.ops import box_iou as iou
-
-    return iou(a, b)
-
-
 def agreement_of(reference, candidate, photos: list[np.ndarray]) -> Agreement:
     """How many of the float32 model's confident detections the int8 model also makes."""
+    from torchvision.ops import box_iou
+
     from segcli.export.verify import collate
 
     result = Agreement(images=len(photos))
@@ -206,10 +191,8 @@ def agreement_of(reference, candidate, photos: list[np.ndarray]) -> Agreement:
         ref_boxes, ref_labels = want.boxes[ref], want.labels[ref]
         cand_boxes, cand_labels = got.boxes[cand], got.labels[cand]
         free = torch.ones(len(cand_boxes), dtype=torch.bool)
-        overlaps = box_iou(ref_boxes, cand_boxes) if len(ref_boxes) and len(cand_boxes) else None
+        overlaps = box_iou(ref_boxes, cand_boxes)  # [0, n] or [n, 0] when either side found nothing
         for i in range(len(ref_boxes)):  # best float32 first (rows are sorted by score)
-            if overlaps is None:
-                break
             fits = free & (cand_labels == ref_labels[i]) & (overlaps[i] >= AGREEMENT_IOU)
             if fits.any():
                 j = int(torch.where(fits, overlaps[i], torch.tensor(-1.0)).argmax())
@@ -228,7 +211,7 @@ def run_quantize(options: QuantizeOptions, log=lambda message: None) -> Quantize
 
     from segcli.export.metadata import KEY
     from segcli.export.onnx import load_onnx
-    from segcli.export.run import ExportOptions, run_export
+    from segcli.export.run import ExportOptions, read_photos, run_export
     from segcli.export.runtime import ExportedModel
 
     check_options(options)
@@ -250,7 +233,7 @@ def run_quantize(options: QuantizeOptions, log=lambda message: None) -> Quantize
             raise WeightsError(f"{options.weights}: the export has no layers to quantize in scope {options.scope!r}")
         log(f"calibrating {len(layers)} layers on {len(calibration)} photo{'' if len(calibration) == 1 else 's'} ...")
         int8_path = work / "int8.onnx"
-        _calibrate_and_quantize(source, int8_path, layers, load_photos(calibration))
+        _calibrate_and_quantize(source, int8_path, layers, read_photos(calibration))
         quantized = onnx.load(str(int8_path))
         del quantized.metadata_props[:]
         meta = dict(float_meta, precision="int8", graph_sha256=graph_digest(quantized),
@@ -268,7 +251,7 @@ def run_quantize(options: QuantizeOptions, log=lambda message: None) -> Quantize
             threads = torch.get_num_threads()
             reference = ExportedModel(*load_onnx(float_path, threads), float_path)
             candidate = ExportedModel(*load_onnx(int8_path, threads), int8_path)
-            agreement = agreement_of(reference, candidate, load_photos(held_out))
+            agreement = agreement_of(reference, candidate, read_photos(held_out))
             if agreement.fraction < options.min_agreement:
                 raise WeightsError(f"the int8 model lost too much, nothing was written: {agreement}, below "
                                    f"--min-agreement {options.min_agreement}; try --scope backbone or more "

@@ -119,13 +119,18 @@ def load_samples(specs: list[str]) -> list[tuple[str, np.ndarray]]:
             raise UsageError(f"--images {' '.join(specs)}: no images found")
     else:
         paths = sorted(SAMPLES_DIR.glob("*.jpg"))
-    samples = []
+    return [(Path(path).name, image) for path, image in zip(paths, read_photos(paths))]
+
+
+def read_photos(paths: list) -> list[np.ndarray]:
+    """Each photo decoded; one that cannot be read is a UsageError naming it (they come from --images)."""
+    photos = []
     for path in paths:
         try:
-            samples.append((Path(path).name, read_image(path)))
+            photos.append(read_image(path))
         except ImageReadError as error:
             raise UsageError(f"--images: {error}") from None
-    return samples
+    return photos
 
 
 def fit_samples(samples: list[tuple[str, np.ndarray]], image_size: tuple[int, int] | None) -> list[tuple[str, np.ndarray]]:
