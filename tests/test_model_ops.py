@@ -6,13 +6,13 @@ import pytest
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from segcli.model.build import build_model
 from segcli.model.preprocess import IMAGE_MEAN, IMAGE_STD, ResizePolicy, prepare_batch
 from segcli.model.roi_heads import MASK_CHUNK, FlatDetections, bucketed_count, own_class_logits
 from segcli.ops.paste_masks import paste_masks_transposed
-from segcli.ops.roi_align import RoIPyramid
+from segcli.ops.roi_align import RoIPyramid, sample_masks, transposed_gather
 
 
 def random_boxes(n: int, height: int, width: int, g: torch.Generator) -> torch.Tensor:
@@ -97,6 +97,61 @@ def test_multilevel_roi_align_equals_torchvision_multiscale():
     assert (got - expected).abs().max() < 1e-6
     bf16 = RoIPyramid([f.bfloat16() for f in features], padded)(flat, batch_index, 7, 2)  # as under autocast
     assert bf16.dtype == torch.float32 and (bf16 - expected).abs().max() < 0.05
+
+
+def test_multilevel_roi_align_gradients_equal_torchvision_multiscale():
+    """Training differentiates the gather path (a hand-written backward on the CPU): the
+    features' gradients must be torchvision's RoIAlign backward's."""
+    g = torch.Generator().manual_seed(1)
+    padded = (128, 160)
+    features = [torch.randn(2, 4, padded[0] // s, padded[1] // s, generator=g) for s in (4, 8, 16, 32)]
+    boxes = [random_boxes(25, 120, 150, g) * 1.5, random_boxes(20, 120, 150, g)]
+    boxes[1][0] = torch.tensor([0.0, 0.0, 160.0, 128.0])
+    flat = torch.cat(boxes)
+    batch_index = torch.cat([torch.zeros(25, dtype=torch.int64), torch.ones(20, dtype=torch.int64)])
+    upstream = torch.randn(len(flat), 4, 14, 14, generator=g)
+    ours = [f.clone().requires_grad_() for f in features]
+    theirs = [f.clone().requires_grad_() for f in features]
+    (RoIPyramid(ours, padded)(flat, batch_index, 14, 2) * upstream).sum().backward()
+    reference = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 2)
+    (reference({str(i): f for i, f in enumerate(theirs)}, boxes, [(120, 150), (120, 150)]) * upstream).sum().backward()
+    for a, b in zip(ours, theirs):
+        assert a.grad is not None and (a.grad - b.grad).abs().max() < 1e-4
+    assert sum(float(a.grad.abs().sum()) for a in ours) > 1.0  # the boxes did read every level's pixels
+
+
+def test_transposed_gather_equals_embedding_bags_own_gradient():
+    g = torch.Generator().manual_seed(2)
+    table = torch.randn(300, 8, generator=g, requires_grad=True)
+    rows = torch.randint(0, 300, (500, 16), generator=g)
+    rows[:, 5] = 7  # many taps on one row
+    weights = torch.rand(500, 16, generator=g)
+    upstream = torch.randn(500, 8, generator=g)
+    torch.nn.functional.embedding_bag(rows, table, per_sample_weights=weights, mode="sum").backward(upstream)
+    got = transposed_gather(upstream, rows, weights, 300)
+    assert torch.allclose(got, table.grad, atol=1e-5, rtol=1e-5)
+    assert got.shape == table.shape
+
+
+def test_sample_masks_equals_torchvision_roi_align_aligned():
+    """Training's mask targets: torchvision's aligned RoIAlign of the float masks, read from uint8."""
+    g = torch.Generator().manual_seed(3)
+    masks = (torch.rand(5, 60, 90, generator=g) > 0.6).to(torch.uint8)
+    boxes = random_boxes(40, 60, 90, g)
+    boxes[:6] = torch.tensor([
+        [10.0, 10.0, 10.3, 10.2],  # smaller than a pixel: aligned RoIAlign does not widen it
+        [-30.0, -20.0, -2.0, -1.0],  # outside
+        [80.0, 50.0, 120.0, 90.0],  # past the bottom-right edge
+        [0.0, 0.0, 90.0, 60.0],  # the whole mask
+        [89.5, 59.5, 90.0, 60.0],  # the last pixel
+        [5.0, 5.0, 5.0, 40.0],  # zero width
+    ])
+    index = torch.randint(0, 5, (40,), generator=g)
+    expected = roi_align(masks[:, None].float(), torch.cat([index[:, None].float(), boxes], 1), (28, 28),
+                         spatial_scale=1.0, sampling_ratio=2, aligned=True)[:, 0]
+    got = sample_masks(masks, index, boxes, 28)
+    assert got.shape == expected.shape and (got - expected).abs().max() < 1e-5
+    assert 0.1 < float((expected >= 0.5).float().mean()) < 0.9  # the masks are not blank
 
 
 def test_bucketed_count_pads_little_and_to_few_sizes():

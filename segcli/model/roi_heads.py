@@ -158,4 +158,28 @@ def own_class_logits(logits_layer: nn.Conv2d, hidden: Tensor, labels: Tensor) ->
     with torch.autocast(hidden.device.type, enabled=False):
         weight = logits_layer.weight[labels].flatten(1).float()  # [N, C]
         bias = logits_layer.bias[labels].float()
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return _OwnClassProduct.apply(hidden.float(), weight) + bias[:, None, None]
         return torch.einsum("nchw,nc->nhw", hidden.float(), weight) + bias[:, None, None]
+
+
+class _OwnClassProduct(torch.autograd.Function):
+    """einsum("nchw,nc->nhw") for training. einsum's gradient for the features is a batched
+    outer product that bmm runs ~10x slower than an elementwise product on the CPU (a few
+    percent of a training step); here it is that product, in the features' channels-last layout."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor) -> Tensor:
+        n, c, h, w = hidden.shape
+        pixels = hidden.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view when channels-last
+        ctx.save_for_backward(pixels, weight)
+        ctx.size = (n, c, h, w)
+        return torch.bmm(pixels, weight[:, :, None]).view(n, h, w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        pixels, weight = ctx.saved_tensors
+        n, c, h, w = ctx.size
+        grad = grad.reshape(n, h * w, 1)
+        grad_hidden = (grad * weight[:, None, :]).view(n, h, w, c).permute(0, 3, 1, 2)
+        return grad_hidden, (pixels * grad).sum(1)

@@ -5,7 +5,7 @@
 - RoI heads: proposals plus the ground-truth boxes, matched at IoU 0.5, 512 sampled per image at 1:3,
   class cross-entropy + class-specific smooth L1 on the positives.
 - Masks: per-pixel sigmoid BCE on each positive's ground-truth class, against 28x28 targets cut from
-  the ground-truth masks with RoIAlign (aligned, thresholded at 0.5).
+  the ground-truth masks with RoIAlign (aligned, thresholded at 0.5; only the pixels it reads).
 
 Matching and sampling run on padded [B, N, G] tensors (random ranks instead of per-image
 `randperm` loops), so the work is a few large tensor operations however many images a batch holds.
@@ -20,14 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import roi_align
 
 from segcli.model.boxes import encode_boxes
 from segcli.model.maskrcnn import MaskRCNN
 from segcli.model.preprocess import ResizePolicy, prepare_batch
 from segcli.model.roi_heads import BOX_POOL_SIZE, MASK_POOL_SIZE, ROI_BOX_WEIGHTS, SAMPLING_RATIO, own_class_logits
 from segcli.model.rpn import RPN_BOX_WEIGHTS, flatten_level
-from segcli.ops.roi_align import RoIPyramid
+from segcli.ops.roi_align import RoIPyramid, sample_masks
 
 IGNORE, NEGATIVE, POSITIVE = -1, 0, 1
 SMOOTH_L1_BETA = 1.0 / 9  # as torchvision and Detectron
@@ -212,12 +211,7 @@ class TrainingModel(nn.Module):
         with torch.no_grad():
             rois_original = rois / scale[image][:, [1, 0, 1, 0]]
             rows = image * targets.masks.shape[1] + matched  # into the [B*G, H, W] masks
-            # Only the matched masks become float (at full resolution, a batch of COCO images has
-            # hundreds of megabytes of them); roi_align's batch index selects each RoI's mask.
-            used, row_of_roi = torch.unique(rows, return_inverse=True)
-            masks = targets.masks.flatten(0, 1)[used, None].float()
-            mask_targets = roi_align(masks, torch.cat([row_of_roi[:, None].float(), rois_original], 1),
-                                     (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)[:, 0] >= 0.5
+            mask_targets = sample_masks(targets.masks.flatten(0, 1), rows, rois_original, size) >= 0.5
         pooled = pyramid(rois, image, MASK_POOL_SIZE, SAMPLING_RATIO)
         hidden = F.relu(heads.mask_predictor.conv5_mask(heads.mask_head(pooled)))
         logits = own_class_logits(heads.mask_predictor.mask_fcn_logits, hidden, labels)
