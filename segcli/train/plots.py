@@ -77,22 +77,41 @@ def draw_lines(series: list[Series], title: str, x_label: str, y_label: str, y_m
     ImageDraw.Draw(label_image).text((100, 15), y_label, fill=INK, font=font, anchor="mm")
     image.paste(label_image.rotate(90, expand=True), (8, (top + bottom) // 2 - 100))
     draw.text((left, top - 12), title, fill=INK, font=font, anchor="ld")
+    drawn = []
     for index, (_, line) in enumerate(series):
         colour = COLOURS[index % len(COLOURS)]
         pixels = [to_pixel(x, y) for x, y in line if math.isfinite(y)]
+        drawn.append(pixels)
         if len(pixels) > 1:
             draw.line(pixels, fill=colour, width=3)
         for x, y in pixels if len(pixels) <= 20 else ():
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
     labelled = [label for label, line in series if line]
     if labelled:
-        draw.rectangle([right - 230, top + 6, right - 6, top + 34 + 24 * (len(labelled) - 1)], fill="white", outline=GRID)
-    for index, label in enumerate(labelled):
-        colour = COLOURS[index % len(COLOURS)]
-        y = top + 20 + 24 * index
-        draw.line([(right - 222, y), (right - 192, y)], fill=colour, width=3)
-        draw.text((right - 184, y), label, fill=INK, font=small, anchor="lm")
+        height = 28 + 24 * (len(labelled) - 1)
+        corners = [(right - 230, top + 6), (right - 230, bottom - 6 - height), (left + 6, top + 6)]
+        legend_x, legend_y = min(corners, key=lambda corner: _points_under(drawn, corner, (224, height)))
+        draw.rectangle([legend_x, legend_y, legend_x + 224, legend_y + height], fill="white", outline=GRID)
+        for index, label in enumerate(labelled):
+            colour = COLOURS[index % len(COLOURS)]
+            y = legend_y + 14 + 24 * index
+            draw.line([(legend_x + 8, y), (legend_x + 38, y)], fill=colour, width=3)
+            draw.text((legend_x + 46, y), label, fill=INK, font=small, anchor="lm")
     return image
+
+
+def _points_under(lines: list[list[tuple[float, float]]], corner: tuple[float, float], size: tuple[int, int]) -> int:
+    """How much of the polylines a legend box at `corner` would hide (points every ~4 pixels): the
+    legend goes to the emptiest of the candidate corners (AP curves end top right)."""
+    (x0, y0), (width, height) = corner, size
+    hidden = 0
+    for pixels in lines:
+        for (ax, ay), (bx, by) in zip(pixels, pixels[1:] or pixels):
+            steps = max(1, int(max(abs(bx - ax), abs(by - ay)) / 4))
+            for k in range(steps + 1):
+                x, y = ax + (bx - ax) * k / steps, ay + (by - ay) * k / steps
+                hidden += x0 <= x <= x0 + width and y0 <= y <= y0 + height
+    return hidden
 
 
 def write_png(image: Image.Image, path: Path) -> Path:
