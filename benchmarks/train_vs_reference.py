@@ -25,19 +25,27 @@ Validator: segcli's inference, pycocotools' COCO evaluation): mask and box AP ag
 and against training seconds (validation is not counted), and images/s over the training loop.
 The table gives the mean over seeds with the spread (min..max); with --plots, AP curves as PNG.
 
-Measured, --quick only (1 epoch of 4 images per set, 2 seeds, tiny demo weights; far too short
-for the AP to mean anything, and it says nothing about the issue's targets), AMD EPYC, 2 cores
-shared with other jobs, 2 threads, torch 2.14.1, 3 min 41 s wall (2 min 23 s of CPU):
+coco_tiny is scored on its person category by default (--coco-tiny-categories; 'all' for the 80):
+the one with enough instances to learn from (81 in 17 training images, 27 in the 6 held out).
+--segcli-variants runs several `segcli train` settings per seed against the same reference run.
 
-    set          trainer    images                mask AP                 box AP             images/s
-    fruits_nuts  reference       4   0.011 (0.007..0.015)   0.011 (0.007..0.015)    0.14 (0.13..0.15)
-    fruits_nuts  segcli          4   0.013 (0.005..0.022)   0.010 (0.007..0.013)    0.31 (0.24..0.38)
-    coco_tiny    reference       4   0.000 (0.000..0.000)   0.000 (0.000..0.000)    0.27 (0.25..0.29)
-    coco_tiny    segcli          4   0.000 (0.000..0.000)   0.000 (0.000..0.000)    0.47 (0.23..0.72)
-    segcli step time: 6242 ms/step, data 1%, forward 43%, backward 52%, optimizer 3%, other 0%
+Measured (the whole table: benchmarks/results/train_vs_reference/), AMD EPYC, 2 cores, AVX-512
+BF16, no AMX, torch 2.14.1, 2 threads, quiet machine, 20 min:
 
-The images/s ratios (2.2x, 1.8x) come from runs of 2 steps each on a loaded machine: noise. A
-2-epoch, 1-seed run of fruits_nuts on the same machine minutes later gave 1.43x.
+    python benchmarks/train_vs_reference.py --seeds 0,1,2 --epochs 8 --workers 1 --threads 2 \
+        --segcli-variants "fp32:--precision fp32;bf16:--precision bf16"
+
+    set          trainer      images                mask AP                 box AP             images/s
+    fruits_nuts  reference       112   0.322 (0.300..0.350)   0.206 (0.174..0.240)    1.56 (1.54..1.60)
+    fruits_nuts  segcli fp32     112   0.321 (0.300..0.342)   0.214 (0.190..0.239)    2.13 (2.04..2.21)
+    fruits_nuts  segcli bf16     112   0.318 (0.303..0.346)   0.219 (0.196..0.254)    3.36 (3.33..3.40)
+    fruits_nuts  segcli bf16/reference images/s: 2.15x (per seed 2.08, 2.21, 2.15)
+    coco_tiny    reference       136   0.002 (0.000..0.003)   0.005 (0.003..0.009)    2.51 (2.39..2.60)
+    coco_tiny    segcli fp32     136   0.000 (0.000..0.000)   0.001 (0.000..0.001)    3.71 (3.68..3.74)
+    coco_tiny    segcli bf16     136   0.000 (0.000..0.001)   0.001 (0.000..0.002)    5.50 (4.78..5.98)
+    coco_tiny    segcli bf16/reference images/s: 2.19x (per seed 2.27, 1.84, 2.50)
+
+From a shapes model, 136 images teach neither trainer COCO people: coco_tiny's AP is noise at zero.
 """
 
 from __future__ import annotations
@@ -103,18 +111,34 @@ def subset(data: dict, ids: list[int], path: Path) -> Path:
 Split = tuple[Path, Path, Path, Path]  # train annotations, their images folder, held-out annotations, theirs
 
 
-def split(name: str, train_count: int | None, held_count: int | None, work: Path) -> Split:
+def keep_categories(data: dict, names: list[str] | None) -> dict:
+    """The categories named (all when None) and their annotations."""
+    if not names:
+        return data
+    known = {c["name"] for c in data["categories"]}
+    if missing := [n for n in names if n not in known]:
+        raise SystemExit(f"no category {missing} in the set (it has {sorted(known)})")
+    categories = [c for c in data["categories"] if c["name"] in names]
+    ids = {c["id"] for c in categories}
+    return {**data, "categories": categories, "annotations": [a for a in data["annotations"] if a["category_id"] in ids]}
+
+
+def split(name: str, train_count: int | None, held_count: int | None, work: Path,
+          categories: list[str] | None = None) -> Split:
     train_file, train_images, held_file, held_images = SETS[name]
-    data = json.loads(train_file.read_text())
+    data = keep_categories(json.loads(train_file.read_text()), categories)
     ids = sorted(i["id"] for i in data["images"])
     if held_file is None:  # one file: the last images are held out
         held_ids = ids[-(held_count or max(2, len(ids) // 4)):]
         train_ids = [i for i in ids if i not in held_ids]
         held_data, held_images = data, train_images
     else:
-        held_data = json.loads(held_file.read_text())
+        held_data = keep_categories(json.loads(held_file.read_text()), categories)
         held_ids = sorted(i["id"] for i in held_data["images"])[: held_count or None]
-        train_ids = ids
+        # Training images without an instance of the kept categories are dropped, as the
+        # reference's _coco_remove_images_without_annotations does; held-out ones all stay.
+        annotated = {a["image_id"] for a in data["annotations"]}
+        train_ids = [i for i in ids if i in annotated]
     train_ids = train_ids[: train_count or None]
     return (subset(data, train_ids, work / f"{name}_train.json"), train_images,
             subset(held_data, held_ids, work / f"{name}_held_out.json"), held_images)
@@ -235,15 +259,16 @@ def run_reference(sets: Split, held_out: Validator, arch: str, state: dict, args
     return curve
 
 
-def run_segcli(sets: Split, init: Path, args, seed: int, out: Path) -> list[dict]:
+def run_segcli(sets: Split, init: Path, args, seed: int, out: Path, flags: str = "") -> list[dict]:
     train_file, train_images, held_file, held_images = sets
     spec = ARCHS[torch.load(init, weights_only=True)["arch"]]
+    extra = [*args.segcli_args.split(), *flags.split()]
+    size = [] if "--scale-jitter" in extra else ["--min-size", str(spec.min_size)]  # the two cannot be combined
     command = [sys.executable, "-m", "segcli", "train", "--coco", str(train_file), "--images", str(train_images),
                "--val-coco", str(held_file), "--val-images", str(held_images),
                "--weights", str(init), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                "--lr", str(args.lr), "--seed", str(seed), "--workers", str(args.workers), "--device", "cpu",
-               "--min-size", str(spec.min_size), "--max-size", str(spec.max_size), "--out", str(out), "-q",
-               *args.segcli_args.split()]
+               *size, "--max-size", str(spec.max_size), "--out", str(out), "-q", *extra]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(torch.get_num_threads()))
     subprocess.run(command, check=True, env=env)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -296,6 +321,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(4, max(0, (os.cpu_count() or 1) - 1)))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--segcli-args", default="", help="more `segcli train` flags, e.g. '--freeze-at 2'")
+    parser.add_argument("--segcli-variants", default=None,
+                        help="several segcli runs per seed, 'NAME:FLAGS;NAME:FLAGS' (e.g. 'fp32:--precision fp32;"
+                             "bf16:--precision bf16'), each after --segcli-args; default: one run, 'segcli'")
+    parser.add_argument("--coco-tiny-categories", default="person",
+                        help="coco_tiny's categories to train and score ('all': its 80; default person, the one "
+                             "with enough instances: 81 in 17 training images, 27 held out)")
     parser.add_argument("--plots", default=None, help="folder for AP-curve PNGs")
     parser.add_argument("--json", default=None, help="write every curve here")
     args = parser.parse_args()
@@ -310,10 +341,15 @@ def main() -> None:
           f"{args.epochs} epoch(s), batch {args.batch_size}, lr {args.lr:g}, {args.workers} loader worker(s), "
           f"seeds {seeds}, weights {Path(args.weights).name}", file=sys.stderr, flush=True)
     results: dict[str, dict[str, list[list[dict]]]] = {}
+    variants = [("segcli", "")] if not args.segcli_variants else \
+        [tuple(v.split(":", 1)) if ":" in v else (v, "") for v in args.segcli_variants.split(";")]
+    variants = [(n if n.startswith("segcli") else f"segcli {n}", flags) for n, flags in variants]
     for name in args.sets.split(","):
-        sets = split(name, args.train_images, args.held_out, work)
+        categories = None if name != "coco_tiny" or args.coco_tiny_categories == "all" \
+            else args.coco_tiny_categories.split(",")
+        sets = split(name, args.train_images, args.held_out, work, categories)
         held_out = Validator(load_coco(str(sets[2]), str(sets[3])))
-        results[name] = {"reference": [], "segcli": []}
+        results[name] = {"reference": [], **{side: [] for side, _ in variants}}
         for seed in seeds:
             init = work / f"{name}_init_{seed}.pt"
             arch, state = initial_checkpoint(sets[0], sets[1], args.weights, seed, init)
@@ -325,27 +361,34 @@ def main() -> None:
                           "box_AP": scores["bbox_AP"]}]
             print(f"{name} seed {seed}: reference...", file=sys.stderr, flush=True)
             results[name]["reference"].append(start + run_reference(sets, held_out, arch, state, args, seed))
-            print(f"{name} seed {seed}: segcli train...", file=sys.stderr, flush=True)
-            results[name]["segcli"].append(start + run_segcli(sets, init, args, seed, work / f"{name}_run_{seed}"))
+            for index, (side, flags) in enumerate(variants):
+                print(f"{name} seed {seed}: {side} train...", file=sys.stderr, flush=True)
+                results[name][side].append(start + run_segcli(sets, init, args, seed, work / f"{name}_run_{seed}_{index}",
+                                                              flags))
 
     print(f"\nCPU: {cpu_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads; {args.epochs} epoch(s), "
           f"mean over seeds {seeds} (min..max)")
-    print(f"{'set':12} {'trainer':10} {'images':>6} {'mask AP':>22} {'box AP':>22} {'images/s':>20}")
+    print(f"{'set':12} {'trainer':12} {'images':>6} {'mask AP':>22} {'box AP':>22} {'images/s':>20}")
     for name, sides in results.items():
         for side, runs in sides.items():
             last = [r[-1] for r in runs]
             rates = [e["images_seen"] / max(e["seconds"], 1e-9) for e in last]
-            print(f"{name:12} {side:10} {last[0]['images_seen']:6d} {spread([e['mask_AP'] for e in last]):>22} "
+            print(f"{name:12} {side:12} {last[0]['images_seen']:6d} {spread([e['mask_AP'] for e in last]):>22} "
                   f"{spread([e['box_AP'] for e in last]):>22} {spread(rates, 2):>20}")
-        ref, seg = ([e["images_seen"] / max(e["seconds"], 1e-9) for e in (r[-1] for r in sides[s])]
-                    for s in ("reference", "segcli"))
-        print(f"{name:12} segcli/reference images/s: {statistics.fmean(seg) / statistics.fmean(ref):.2f}x")
-    steps = [e["step_ms"] for sides in results.values() for r in sides["segcli"] for e in r if e.get("step_ms")]
-    if steps:
-        keys = [k for k in steps[0] if k != "total"]
-        total = statistics.fmean(s["total"] for s in steps)
-        print("segcli step time: " + f"{total:.0f} ms/step, " +
-              ", ".join(f"{k} {100 * statistics.fmean(s.get(k, 0) for s in steps) / total:.0f}%" for k in keys))
+        def rates(side: str) -> list[float]:
+            return [e["images_seen"] / max(e["seconds"], 1e-9) for e in (r[-1] for r in sides[side])]
+
+        for side, _ in variants:  # the ratio of means, and each seed's own ratio (same seed, same data)
+            per_seed = [s / r for s, r in zip(rates(side), rates("reference"))]
+            print(f"{name:12} {side}/reference images/s: {statistics.fmean(rates(side)) / statistics.fmean(rates('reference')):.2f}x"
+                  f" (per seed {', '.join(f'{x:.2f}' for x in per_seed)})")
+    for side, _ in variants:
+        steps = [e["step_ms"] for sides in results.values() for r in sides[side] for e in r if e.get("step_ms")]
+        if steps:
+            keys = [k for k in steps[0] if k != "total"]
+            total = statistics.fmean(s["total"] for s in steps)
+            print(f"{side} step time: " + f"{total:.0f} ms/step, " +
+                  ", ".join(f"{k} {100 * statistics.fmean(s.get(k, 0) for s in steps) / total:.0f}%" for k in keys))
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_line(), "args": vars(args), "results": results}, indent=1))
     if args.plots:

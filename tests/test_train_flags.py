@@ -172,6 +172,16 @@ def test_bf16_is_refused_on_a_cpu_without_bf16_instructions(two_images, tmp_path
     assert run_train(_options(two_images, tmp_path / "fp32", precision="fp32")).last.is_file()
 
 
+@pytest.mark.parametrize("fast_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_the_default_precision_is_bf16_only_on_a_cpu_with_bf16_instructions(fast_bf16, expected, monkeypatch):
+    monkeypatch.setattr(train_options, "cpu_has_fast_bf16", lambda: fast_bf16)
+    cpu = torch.device("cpu")
+    for options in (TrainOptions(coco="a.json"), TrainOptions(coco="a.json", precision="auto")):
+        assert train_options.amp_precision(options, cpu) == expected
+    assert train_options.amp_precision(TrainOptions(coco="a.json", amp=False), cpu) == "fp32"
+    assert train_options.amp_precision(TrainOptions(coco="a.json", precision="fp32"), cpu) == "fp32"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--freeze-at", "6"], "--freeze-at must be 0 (train all) to 5"),
     (["--freeze-at", "-1"], "--freeze-at must be 0"),
@@ -184,7 +194,7 @@ def test_bf16_is_refused_on_a_cpu_without_bf16_instructions(two_images, tmp_path
     (["--patience", "2"], "--patience needs --val-coco"),
     (["--plots", ""], "--plots is empty"),
     (["--plots", "{coco}"], "--plots '{coco}' is --coco '{coco}', a file; give a folder"),
-    (["--precision", "fp16"], "--precision 'fp16': choose fp32 or bf16"),
+    (["--precision", "fp16"], "--precision 'fp16': choose auto, fp32 or bf16"),
     (["--precision", "fp32", "--no-amp"], "--precision and --amp/--no-amp both set the precision"),
 ])
 def test_bad_flag_values_are_one_line_exit_2(two_images, tmp_path, args, message):
@@ -195,3 +205,20 @@ def test_bad_flag_values_are_one_line_exit_2(two_images, tmp_path, args, message
     assert message.format(coco=two_images) in result.output
     assert result.output.strip().count("\n") == 0
     assert not (tmp_path / "new").exists()
+
+
+def test_the_plot_legend_goes_where_no_curve_is():
+    """A rising AP curve ends top right, where the legend used to hide it."""
+    from segcli.evaluate.plots import COLOURS, MARGIN, SIZE
+    from segcli.train.plots import draw_lines
+
+    rising = [("segcli mask AP", [(x, x / 10) for x in range(11)])]
+    falling = [("loss", [(x, 1 - x / 10) for x in range(11)])]
+    right, top, bottom = SIZE[0] - MARGIN[2], MARGIN[1], SIZE[1] - MARGIN[3]
+    legend_line_top_right = (right - 230 + 20, top + 6 + 14)
+    legend_line_bottom_right = (right - 230 + 20, bottom - 6 - 28 + 14)
+    image = draw_lines(rising, "t", "x", "y", y_max=1.0)
+    assert image.getpixel(legend_line_bottom_right) == COLOURS[0]
+    assert image.getpixel(legend_line_top_right) != COLOURS[0]
+    image = draw_lines(falling, "t", "x", "y", y_max=1.0)  # top right is empty: the legend stays there
+    assert image.getpixel(legend_line_top_right) == COLOURS[0]

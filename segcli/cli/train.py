@@ -59,7 +59,7 @@ def train(
     warmup_iters: Optional[int] = typer.Option(None, rich_help_panel=SCHEDULE, help="Linear warmup iterations (default: min(1000, a tenth of training))."),
     weight_decay: Optional[float] = typer.Option(None, rich_help_panel=SCHEDULE, help="Default 1e-4 (SGD), 0.05 (AdamW)."),
     clip_grad: Optional[float] = typer.Option(None, rich_help_panel=SCHEDULE, help="Clip the gradient norm to this value."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", rich_help_panel=SCHEDULE, help="Mixed precision (default: on for CUDA, off on CPUs, where bf16 training is slower)."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", rich_help_panel=SCHEDULE, help="Mixed precision (default: as --precision auto); --no-amp is fp32."),
     min_size: Optional[str] = typer.Option(None, rich_help_panel=DATA, help="Short sides for multi-scale training, comma-separated (default: 80-100% of the architecture's)."),
     max_size: Optional[int] = typer.Option(None, rich_help_panel=DATA, help="Longest side after resizing (default: the architecture's)."),
     flip: bool = typer.Option(True, "--flip/--no-flip", rich_help_panel=DATA, help="Random horizontal flips."),
@@ -76,7 +76,7 @@ def train(
     scale_jitter: Optional[str] = typer.Option(None, rich_help_panel=DATA, help="MIN,MAX: each batch's short side drawn from MIN to MAX pixels (steps of 16), instead of --min-size's list; the long side stays within --max-size."),
     patience: Optional[int] = typer.Option(None, rich_help_panel=SCHEDULE, help="Early stopping: end the run after this many validations without a better mask AP (needs --val-coco; best.pt keeps the best)."),
     plots: Optional[str] = typer.Option(None, rich_help_panel=OUTPUT, help="Folder for loss.png and, with --val-coco, ap.png (mask and box AP per epoch), redrawn after every epoch."),
-    precision: Optional[str] = typer.Option(None, rich_help_panel=SCHEDULE, help="fp32 or bf16 (autocast); bf16 on a CPU needs AVX-512 BF16 or AMX (refused elsewhere: emulated, it is slower). Default: as --amp."),
+    precision: Optional[str] = typer.Option(None, rich_help_panel=SCHEDULE, help="auto, fp32 or bf16 (autocast). auto: mixed precision on CUDA, bf16 on CPUs with AVX-512 BF16 or AMX, else fp32. bf16 on a CPU without them is refused (emulated, it is slower)."),
 ) -> None:
     """Train or fine-tune Mask R-CNN on a COCO dataset; writes last.pt, best.pt and metrics.jsonl."""
     from segcli.train.run import TrainOptions, run_train
