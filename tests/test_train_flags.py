@@ -222,3 +222,30 @@ def test_the_plot_legend_goes_where_no_curve_is():
     assert image.getpixel(legend_line_top_right) != COLOURS[0]
     image = draw_lines(falling, "t", "x", "y", y_max=1.0)  # top right is empty: the legend stays there
     assert image.getpixel(legend_line_top_right) == COLOURS[0]
+
+
+def test_resume_continues_in_the_precision_the_run_trained_in(two_images, tmp_path, monkeypatch):
+    """A run started on a CPU with bf16 and resumed where auto would choose otherwise (or the other
+    way round) keeps its precision where it can, and says so; an explicit --precision wins."""
+    monkeypatch.setattr(train_options, "cpu_has_fast_bf16", lambda: False)
+    run = tmp_path / "fp32-run"
+    run_train(_options(two_images, run))  # auto on this "CPU": fp32
+    assert torch.load(run / "last.pt", weights_only=True)["training"]["precision"] == "fp32"
+    monkeypatch.setattr(train_options, "cpu_has_fast_bf16", lambda: True)  # resumed where auto means bf16
+    stderr = io.StringIO()
+    run_train(_options(two_images, run, epochs=2, resume=True, quiet=False), stderr=stderr)
+    assert "--resume: continuing in fp32, the precision the run trained in" in stderr.getvalue()
+    assert "(fp32, 1 process(es)" in stderr.getvalue()
+
+    bf16_run = tmp_path / "bf16-run"
+    run_train(_options(two_images, bf16_run))  # auto: bf16
+    monkeypatch.setattr(train_options, "cpu_has_fast_bf16", lambda: False)  # resumed on a CPU without bf16
+    stderr = io.StringIO()
+    run_train(_options(two_images, bf16_run, epochs=2, resume=True, quiet=False), stderr=stderr)
+    assert "the run trained in bf16, which this cpu cannot run fast; continuing in fp32" in stderr.getvalue()
+    assert torch.load(bf16_run / "last.pt", weights_only=True)["training"]["precision"] == "fp32"
+
+    monkeypatch.setattr(train_options, "cpu_has_fast_bf16", lambda: True)
+    stderr = io.StringIO()
+    run_train(_options(two_images, run, epochs=3, resume=True, quiet=False, precision="bf16"), stderr=stderr)
+    assert "--resume:" not in stderr.getvalue() and "(bf16, 1 process(es)" in stderr.getvalue()

@@ -162,6 +162,19 @@ def amp_precision(options: TrainOptions, device: torch.device) -> str:
     return precision
 
 
+def resumed_precision(options: TrainOptions, device: torch.device, chosen: str, trained: str | None) -> tuple[str, str | None]:
+    """--resume continues in the precision the run trained in (its `last.pt` says which), unless
+    --precision or --amp/--no-amp asks for one, or this device cannot run it. Returns the
+    precision and, when it is not `chosen` or the run's own, the line that says why."""
+    asked = options.precision not in (None, "auto") or options.amp is not None
+    if trained is None or trained == chosen or asked:
+        return chosen, None
+    if trained == "fp32" or (device.type == "cuda" and (trained == "fp16" or torch.cuda.is_bf16_supported())) \
+            or (device.type == "cpu" and trained == "bf16" and cpu_has_fast_bf16()):
+        return trained, f"--resume: continuing in {trained}, the precision the run trained in"
+    return chosen, f"--resume: the run trained in {trained}, which this {device.type} cannot run fast; continuing in {chosen}"
+
+
 def refuse_overwrites_of_inputs(o: TrainOptions) -> None:
     """The run folder and the files in it may not be (or replace) an annotation file or the weights."""
     inputs = file_inputs("--coco", [o.coco]) + file_inputs("--val-coco", [o.val_coco]) + file_inputs("--weights", [o.weights])

@@ -39,7 +39,7 @@ from segcli.train.log import TrainDisplay
 from segcli.train.loop import Steps, TrainingDiverged, train_epoch
 from segcli.train.options import (
     CHECKPOINT_BEST, CHECKPOINT_LAST, METRICS, TrainOptions, TrainSummary, amp_precision, check_options,
-    default_min_sizes, input_min_size, jitter_sizes, refuse_overwrites_of_inputs,
+    default_min_sizes, input_min_size, jitter_sizes, refuse_overwrites_of_inputs, resumed_precision,
 )
 from segcli.train.plots import read_metrics, write_training_plots
 from segcli.train.recipe import (
@@ -82,6 +82,10 @@ def run_train(options: TrainOptions, stderr: TextIO | None = None) -> TrainSumma
     resume_state = load_resume_state(last_path) if options.resume and last_path.exists() else None
     if options.resume and resume_state is None:
         say(f"--resume: no {last_path} yet; starting a new run")
+    if resume_state is not None:
+        precision, why = resumed_precision(options, device, precision, resume_state["training"].get("precision"))
+        if why:
+            say(why)
     if resume_state is not None:
         arch = resume_state["arch"]
         model = build_model(arch, dataset.num_classes)
@@ -178,7 +182,7 @@ def run_train(options: TrainOptions, stderr: TextIO | None = None) -> TrainSumma
                 meta = dict(meta_base, epoch=epoch + 1, metrics=record)
                 training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "scaler": scaler.state_dict(), "epoch": epoch, "best_ap": best_ap,
-                            "since_best": since_best, "freeze_at": options.freeze_at,
+                            "since_best": since_best, "freeze_at": options.freeze_at, "precision": precision,
                             # Nothing draws random numbers between epochs, so this is the state the next
                             # epoch starts from: restoring it makes a resumed run continue exactly.
                             "rng": capture_rng()}
