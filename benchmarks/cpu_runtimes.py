@@ -395,8 +395,8 @@ def main() -> None:
                 if model != "demo" and not cpu_has_fast_bf16():
                     # bf16 autocast without AMX or AVX-512 BF16 is emulated: R50 took ~2 min a photo here.
                     model_skip.add("tuned")
-                    print(f"\n(--quick: the tuned row runs on the demo model only: this CPU has no AMX or AVX-512 BF16, "
-                          f"so bf16 autocast is emulated, minutes per R50 photo)")
+                    print("\n(--quick: the tuned row runs on the demo model only: this CPU has no AMX or AVX-512 BF16, "
+                          "so bf16 autocast is emulated, minutes per R50 photo)")
             calibration = photos_all[count:count + CALIBRATION_PHOTOS]  # never timed
             bench_model(model, photos_all[:count], rounds, args.score_thr, Path(tmp), model_skip, calibration, args.profile)
     print(f"\nend:     {load_line()}")

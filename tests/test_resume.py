@@ -44,11 +44,11 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def make_images(folder: Path, photos, names: list[str]) -> None:
+def make_images(folder: Path, sources: list[Path], names: list[str]) -> None:
     """Distinct small crops of real photos (the model works at 512 px whatever the input)."""
     folder.mkdir(parents=True, exist_ok=True)
     for k, name in enumerate(names):
-        photo = Image.open(photos[k % len(photos)])
+        photo = Image.open(sources[k % len(sources)])
         left = (k * 37) % 200
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         photo.crop((left, 40, left + 240, 220)).save(folder / name, quality=90)
