@@ -165,8 +165,9 @@ def own_class_logits(logits_layer: nn.Conv2d, hidden: Tensor, labels: Tensor) ->
 
 class _OwnClassProduct(torch.autograd.Function):
     """einsum("nchw,nc->nhw") for training. einsum's gradient for the features is a batched
-    outer product that bmm runs ~10x slower than an elementwise product on the CPU (a few
-    percent of a training step); here it is that product, in the features' channels-last layout."""
+    outer product, which bmm runs slowly on the CPU (30 ms of a bf16 step for 83 RoIs); here it is
+    an elementwise product in the features' channels-last layout (forward and backward for 115
+    RoIs: 8 ms instead of 14)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor) -> Tensor:

@@ -37,9 +37,10 @@ class _BinGather(torch.autograd.Function):
 
     The gradient of table row t is the sum, over every tap that read t, of its weight times its
     bin's gradient: the same weighted sum with bins and rows swapped. Sorting the taps by row (a
-    stable sort, so each row sums in embedding_bag's own order and the result is bit-identical)
-    turns it into one `embedding_bag` call. embedding_bag's dense backward took ~20% of a CPU
-    training step; this takes a third of its time (tests/test_roi_align.py compares both)."""
+    stable sort, so each row sums its taps in bin order; measured bit-identical to embedding_bag's
+    own gradient) turns it into one `embedding_bag` call. embedding_bag's dense backward took ~20%
+    of a CPU training step; this takes a third of its time (tests/test_model_ops.py compares both,
+    and the features' gradients with torchvision's RoIAlign backward)."""
 
     @staticmethod
     def forward(ctx, table: Tensor, rows: Tensor, weights: Tensor) -> Tensor:

@@ -147,8 +147,6 @@ def amp_precision(options: TrainOptions, device: torch.device) -> str:
     if options.precision not in (None, "auto"):
         precision = options.precision
         flag = f"--precision {precision}"
-        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise UsageError(f"{flag}: this GPU has no bfloat16; use --amp (float16) or --precision fp32")
     else:
         enabled = options.amp if options.amp is not None else device.type == "cuda" or cpu_has_fast_bf16()
         if not enabled:
@@ -156,10 +154,21 @@ def amp_precision(options: TrainOptions, device: torch.device) -> str:
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         precision, flag = "bf16", "--amp (bf16 on a CPU)"
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+    if not runs_natively(precision, device):
+        if device.type == "cuda":
+            raise UsageError(f"{flag}: this GPU has no bfloat16; use --amp (float16) or --precision fp32")
         raise UsageError(f"{flag}: this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX), so bf16 would be "
                          "emulated, slower than fp32; train in fp32 here")
     return precision
+
+
+def runs_natively(precision: str, device: torch.device) -> bool:
+    """Whether `device` has the arithmetic `precision` needs (bf16 emulated on a CPU does not count)."""
+    if precision == "fp32":
+        return True
+    if device.type == "cuda":
+        return precision == "fp16" or torch.cuda.is_bf16_supported()
+    return precision == "bf16" and cpu_has_fast_bf16()
 
 
 def resumed_precision(options: TrainOptions, device: torch.device, chosen: str, trained: str | None) -> tuple[str, str | None]:
@@ -169,8 +178,7 @@ def resumed_precision(options: TrainOptions, device: torch.device, chosen: str, 
     asked = options.precision not in (None, "auto") or options.amp is not None
     if trained is None or trained == chosen or asked:
         return chosen, None
-    if trained == "fp32" or (device.type == "cuda" and (trained == "fp16" or torch.cuda.is_bf16_supported())) \
-            or (device.type == "cpu" and trained == "bf16" and cpu_has_fast_bf16()):
+    if runs_natively(trained, device):
         return trained, f"--resume: continuing in {trained}, the precision the run trained in"
     return chosen, f"--resume: the run trained in {trained}, which this {device.type} cannot run fast; continuing in {chosen}"
 

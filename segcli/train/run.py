@@ -86,7 +86,6 @@ def run_train(options: TrainOptions, stderr: TextIO | None = None) -> TrainSumma
         precision, why = resumed_precision(options, device, precision, resume_state["training"].get("precision"))
         if why:
             say(why)
-    if resume_state is not None:
         arch = resume_state["arch"]
         model = build_model(arch, dataset.num_classes)
         if not same_categories(resume_state["categories"], dataset.categories):
