@@ -30,7 +30,7 @@ the one with enough instances to learn from (81 in 17 training images, 27 in the
 --segcli-variants runs several `segcli train` settings per seed against the same reference run.
 
 Measured (the whole table: benchmarks/results/train_vs_reference/), AMD EPYC, 2 cores, AVX-512
-BF16, no AMX, torch 2.14.1, 2 threads, quiet machine, 20 min:
+BF16, no AMX, torch 2.14.1, 2 threads, quiet machine, 17 min:
 
     python benchmarks/train_vs_reference.py --seeds 0,1,2 --epochs 8 --workers 1 --threads 2 \
         --segcli-variants "fp32:--precision fp32;bf16:--precision bf16"
@@ -370,14 +370,13 @@ def main() -> None:
           f"mean over seeds {seeds} (min..max)")
     print(f"{'set':12} {'trainer':12} {'images':>6} {'mask AP':>22} {'box AP':>22} {'images/s':>20}")
     for name, sides in results.items():
-        for side, runs in sides.items():
-            last = [r[-1] for r in runs]
-            rates = [e["images_seen"] / max(e["seconds"], 1e-9) for e in last]
-            print(f"{name:12} {side:12} {last[0]['images_seen']:6d} {spread([e['mask_AP'] for e in last]):>22} "
-                  f"{spread([e['box_AP'] for e in last]):>22} {spread(rates, 2):>20}")
-        def rates(side: str) -> list[float]:
+        def rates(side: str) -> list[float]:  # each seed's images/s over the whole run
             return [e["images_seen"] / max(e["seconds"], 1e-9) for e in (r[-1] for r in sides[side])]
 
+        for side, runs in sides.items():
+            last = [r[-1] for r in runs]
+            print(f"{name:12} {side:12} {last[0]['images_seen']:6d} {spread([e['mask_AP'] for e in last]):>22} "
+                  f"{spread([e['box_AP'] for e in last]):>22} {spread(rates(side), 2):>20}")
         for side, _ in variants:  # the ratio of means, and each seed's own ratio (same seed, same data)
             per_seed = [s / r for s, r in zip(rates(side), rates("reference"))]
             print(f"{name:12} {side}/reference images/s: {statistics.fmean(rates(side)) / statistics.fmean(rates('reference')):.2f}x"
