@@ -239,6 +239,7 @@ def test_resume_continues_in_the_precision_the_run_trained_in(two_images, tmp_pa
 
     bf16_run = tmp_path / "bf16-run"
     run_train(_options(two_images, bf16_run))  # auto: bf16
+    assert torch.load(bf16_run / "last.pt", weights_only=True)["training"]["precision"] == "bf16"
     monkeypatch.setattr(train_options, "cpu_has_fast_bf16", lambda: False)  # resumed on a CPU without bf16
     stderr = io.StringIO()
     run_train(_options(two_images, bf16_run, epochs=2, resume=True, quiet=False), stderr=stderr)
