@@ -68,7 +68,7 @@ def resolve_precision(spec: str, device: torch.device) -> str:
     """`auto` -> bf16 where the hardware runs it fast (CUDA with bf16, AMX/AVX-512 CPUs), else fp32."""
     if spec == "int8":
         raise UsageError("--precision int8 runs an int8 model: make one with `segcli quantize --weights W --images "
-                         "DIR --out model-int8.onnx`, then pass it with --weights")
+                         "DIR --out model-int8.pt`, then pass it with --weights")
     if spec != "auto":
         if spec not in PRECISIONS:
             raise UsageError(f"--precision {spec!r}: choose auto, {', '.join(PRECISIONS)} or int8")

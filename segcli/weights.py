@@ -64,6 +64,12 @@ class Checkpoint:
     meta: dict = field(default_factory=dict)  # where it came from, how it was trained
     source: str = ""  # the spec the user passed
 
+    @property
+    def int8(self) -> dict | None:
+        """The int8 calibration of a `segcli quantize --out x.pt` file (segcli.export.quantize_native)."""
+        section = self.meta.get("int8")
+        return section if isinstance(section, dict) else None
+
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())

@@ -147,7 +147,7 @@ def test_float32_export_with_precision_int8_points_to_quantize(tmp_path):
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--out", "model.pt"], "ending in .onnx"),
+    (["--out", "model.int8"], "ending in .pt"),
     (["--calibration-images", "0"], "--calibration-images"),
     (["--scope", "heads"], "--scope"),
     (["--min-agreement", "1.5"], "--min-agreement"),

@@ -15,7 +15,7 @@ from segcli.cli.command import SegcliCommand
 def quantize(
     weights: str = typer.Option(..., help="Registry name, local checkpoint path, or http(s) URL."),
     images: List[str] = typer.Option(..., help="Photos to calibrate on, like those the model will see: files, folders, globs; repeat the flag for several."),
-    out: str = typer.Option(..., "--out", "-o", help="The int8 model to write (.onnx); predict --weights runs it."),
+    out: str = typer.Option(..., "--out", "-o", help="The int8 model to write: .pt (segcli's own int8 pipeline, the faster) or .onnx (ONNX Runtime); predict --weights runs either."),
     arch: Optional[str] = typer.Option(None, help="Architecture of a plain torchvision state dict."),
     calibration_images: int = typer.Option(32, help="How many of --images to calibrate on (spread over them); 4 others check the result."),
     scope: str = typer.Option("all", help="all: backbone, FPN, RPN and head layers; backbone: backbone and FPN only."),
@@ -25,12 +25,12 @@ def quantize(
     max_det: int = typer.Option(100, help="Most detections per image the model keeps."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
 ) -> None:
-    """Quantize a model to int8 for the CPU (ONNX Runtime, static, calibrated on your photos). The
-    file carries a checksum that predict checks, and runs only on CPUs with int8 dot-product
-    instructions (VNNI, AMX-INT8).
-
-    Needs the ONNX extra: pip install "segcli\\[onnx]"."""
-    from segcli.export.quantize import QuantizeOptions, run_quantize
+    """Quantize a model to int8 for the CPU (static, calibrated on your photos). A .pt file runs
+    int8 layers inside segcli's own pipeline; a .onnx file is ONNX Runtime's QDQ model (needs the
+    ONNX extra: pip install "segcli\\[onnx]"). Either carries a checksum that predict checks, and
+    runs only on CPUs with int8 dot-product instructions (VNNI, AMX-INT8)."""
+    from segcli.export.quantize import QuantizeOptions
+    from segcli.export.quantize_native import quantize as run_quantize
 
     options = QuantizeOptions(weights=weights, images=list(images), out=out, arch=arch,
                               calibration_images=calibration_images, scope=scope, min_agreement=min_agreement,
@@ -41,6 +41,7 @@ def quantize(
         for note in summary.notes:
             print(f"segcli: note: {note}", file=sys.stderr)
         check = str(summary.agreement) if summary.agreement is not None else "not checked (--no-verify)"
-        print(f"segcli: wrote {summary.path} (int8, {summary.quantized_layers} layers, {summary.bytes / 1e6:.1f} MB "
-              f"from {summary.float_bytes / 1e6:.1f} MB) in {summary.seconds:.1f} s, calibrated on "
+        size = (f"{summary.bytes / 1e6:.1f} MB: float weights and calibrated ranges" if summary.path.suffix.lower() == ".pt"
+                else f"{summary.bytes / 1e6:.1f} MB from {summary.float_bytes / 1e6:.1f} MB")
+        print(f"segcli: wrote {summary.path} (int8, {summary.quantized_layers} layers, {size}) in {summary.seconds:.1f} s, calibrated on "
               f"{len(summary.calibration)} photo{'' if len(summary.calibration) == 1 else 's'}; {check}; sha256 {summary.sha256}", file=sys.stderr)

@@ -1,6 +1,9 @@
-"""`segcli quantize`: an int8 ONNX model, calibrated on the user's own photos.
+"""`segcli quantize`: an int8 model, calibrated on the user's own photos, in one of two forms.
 
-Route (why this one): the checkpoint is exported to ONNX as `segcli export` does, then ONNX
+`--out model-int8.pt` (segcli.export.quantize_native): an int8 checkpoint that segcli's own
+pipeline runs, with oneDNN's int8 layers inside the bf16 pipeline; the faster form.
+
+`--out model-int8.onnx`, this module: the checkpoint is exported to ONNX as `segcli export` does, then ONNX
 Runtime's post-training static quantization rewrites its convolutions and fully connected layers
 into QDQ int8 (per-channel int8 weights, uint8 activations, MinMax ranges measured on the
 calibration photos). ONNX Runtime runs those as int8 kernels that use VNNI / AMX-INT8 where the CPU
@@ -94,8 +97,9 @@ def check_options(options: QuantizeOptions) -> None:
     from segcli.export.onnx import require
 
     out = Path(options.out)
-    if options.out in ("", "-") or out.is_dir() or out.suffix.lower() != ".onnx":
-        raise UsageError(f"--out {options.out!r}: give a file name ending in .onnx, such as model-int8.onnx")
+    if options.out in ("", "-") or out.is_dir() or out.suffix.lower() not in (".pt", ".onnx"):
+        raise UsageError(f"--out {options.out!r}: give a file name ending in .pt (segcli's int8 model, the faster) "
+                         "or .onnx (ONNX Runtime's), such as model-int8.pt")
     if not options.images:
         raise UsageError("--images: give the photos to calibrate on (files, folders or globs), ideally ones like "
                          "those the model will see")
@@ -107,8 +111,15 @@ def check_options(options: QuantizeOptions) -> None:
         raise UsageError(f"--min-agreement must be in [0, 1], got {options.min_agreement}")
     inputs = file_inputs("--weights", [options.weights]) + [("--images", i.path) for i in expand_sources(options.images)]
     refuse_overwrites(inputs, [Output("--out", out)])
-    require("onnx", "quantization")
-    require("onnxruntime", "quantization")
+    if out.suffix.lower() == ".onnx":
+        require("onnx", "quantization")
+        require("onnxruntime", "quantization")
+    else:
+        from segcli.model.int8 import int8_kernels_available
+
+        if not int8_kernels_available():
+            raise UsageError("this torch build has no oneDNN int8 operators, which a .pt int8 model needs; "
+                             "use --out model-int8.onnx (ONNX Runtime)")
 
 
 def spread(items: list, count: int) -> list:
@@ -204,7 +215,8 @@ def agreement_of(reference, candidate, photos: list[np.ndarray]) -> Agreement:
 
 
 def run_quantize(options: QuantizeOptions, log=lambda message: None) -> QuantizeSummary:
-    """Export, calibrate, quantize, check agreement, write atomically; SegcliError on a user or model error."""
+    """The ONNX route (segcli.export.quantize_native.quantize dispatches by --out): export,
+    calibrate, quantize, check agreement, write atomically; SegcliError on a user or model error."""
     import json
 
     import onnx

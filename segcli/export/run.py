@@ -190,6 +190,10 @@ def run_export(options: ExportOptions, log=lambda message: None) -> ExportSummar
     started = time.perf_counter()
     samples = fit_samples(load_samples(options.images), options.image_size)
     checkpoint = resolve_weights(options.weights, options.arch)
+    if (section := checkpoint.int8) is not None:
+        raise UsageError(f"--weights {options.weights} is an int8 model, which runs in segcli predict only; export "
+                         f"the float weights it was made from ({section.get('weights')}), or make an int8 ONNX "
+                         "file with segcli quantize --out model-int8.onnx")
     settings = DetectionSettings(score_threshold=options.score_thr, max_detections=options.max_det,
                                  candidate_cap=options.candidate_cap)
     model = model_from_checkpoint(checkpoint, settings)

@@ -172,7 +172,7 @@ def load_exported(weights: str, device: str = "auto", precision: str = "auto",
                              "--precision auto or int8 with it, or the weights it was made from")
         if precision == "int8":
             raise UsageError(f"--precision int8: {path.name} is a float32 export; make an int8 model with "
-                             f"`segcli quantize --weights W --images DIR --out model-int8.onnx`")
+                             f"`segcli quantize --weights W --images DIR --out model-int8.pt`")
         raise UsageError(f"--precision {precision}: exported models run in fp32; use the .pt checkpoint for {precision}")
     if stored == "int8":
         check_int8_file(path, metadata)

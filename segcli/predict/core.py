@@ -73,8 +73,15 @@ class Predictor:
             model.configure(score_thr, max_det, [cid in known for cid in checkpoint.label_to_category_id])
             return cls(model, checkpoint, torch.device("cpu"))
         torch_device = resolve_device(device)
-        precision = resolve_precision(precision, torch_device)  # a bad flag stops before weights are fetched
+        # A bad flag stops before weights are fetched; int8 is checked against the file below.
+        requested, precision = precision, (precision if precision == "int8" else resolve_precision(precision, torch_device))
         checkpoint = resolve_weights(weights, arch, progress=progress)
+        if checkpoint.int8 is not None:
+            from segcli.export.quantize_native import check_int8_checkpoint
+
+            check_int8_checkpoint(checkpoint, requested, torch_device)
+        elif precision == "int8":
+            resolve_precision("int8", torch_device)  # the message that says how to make an int8 model
         # torchvision scores candidates above 0.05; a higher user threshold is applied before NMS,
         # which keeps exactly the detections torchvision would keep above it (see roi_heads).
         settings = DetectionSettings(score_threshold=max(score_thr, 0.0), max_detections=max_det,
@@ -84,7 +91,12 @@ class Predictor:
         known = {c["id"] for c in checkpoint.categories} if wanted is None else wanted
         # Restricting labels before NMS and --max-det makes --classes keep the best N of those classes.
         model.roi_heads.restrict_labels([cid in known for cid in checkpoint.label_to_category_id])
-        model = prepare_for_inference(model, torch_device, precision, fuse=True)
+        if checkpoint.int8 is not None:
+            from segcli.export.quantize_native import load_int8
+
+            model, _ = load_int8(model, checkpoint)
+        else:
+            model = prepare_for_inference(model, torch_device, precision, fuse=True)
         return cls(model, checkpoint, torch_device, wanted)
 
     def predict(self, decoded: list[Decoded]) -> list[ImagePrediction]:
