@@ -12,8 +12,10 @@ and RLE-encoded, JSON written), one photo at a time except where a runtime batch
   segcli       `segcli predict` in this process, default precision (--precision auto), its own
                clock (decode threads, batching, writing), as benchmarks/predict_throughput.py
   segcli+ort   `segcli predict --weights model.onnx` (the export through segcli's pipeline)
-  segcli-int8  `segcli quantize` (calibrated on 16 other coco_tiny photos), then `segcli predict
-               --weights model-int8.onnx`; skipped on CPUs without VNNI / AMX-INT8, where it is refused
+  segcli-int8  `segcli quantize --out model-int8.pt` (calibrated on 16 other coco_tiny photos), then
+               `segcli predict --weights model-int8.pt`: int8 layers inside segcli's own pipeline
+  int8-onnx    the same with `--out model-int8.onnx` (ONNX Runtime's QDQ file through segcli predict);
+               both int8 rows are skipped on CPUs without VNNI / AMX-INT8, where they are refused
   ort          `segcli export --format onnx` in ONNX Runtime (CPU EP, ORT_ENABLE_ALL), a user's
                loop: PIL decode, session.run, torchvision's paste_masks_in_image, encode, JSON
   ov-latency   the same ONNX file read by OpenVINO (CPU plugin, PERFORMANCE_HINT=LATENCY), same loop
@@ -64,7 +66,7 @@ from segcli.predict.options import PredictOptions  # noqa: E402
 from segcli.predict.run import run_predict  # noqa: E402
 from segcli.weights import resolve_weights, save_checkpoint  # noqa: E402
 
-ROWS = ("plain", "tuned", "segcli", "segcli+ort", "segcli-int8", "ort", "ov-latency", "ov-thruput")
+ROWS = ("plain", "tuned", "segcli", "segcli+ort", "segcli-int8", "int8-onnx", "ort", "ov-latency", "ov-thruput")
 CALIBRATION_PHOTOS = 16
 R50 = "maskrcnn_resnet50_fpn"
 
@@ -249,8 +251,9 @@ def build_rows(kind, photos, threshold, tmp: Path, log, skip: set[str], calibrat
     run_export(ExportOptions(weights=str(weights), format="onnx", out=str(onnx_path), verify=False))
     notes.append(f"export: {onnx_path.stat().st_size / 1e6:.0f} MB in {time.perf_counter() - started:.0f} s (opset 17, dynamic batch and size)")
     rows["segcli+ort"] = lambda p, o: segcli_loop(onnx_path, p, threshold, o)
-    if "segcli-int8" not in skip:
-        int8_row(rows, notes, weights, calibration, tmp / f"{kind}-int8.onnx", threshold, log)
+    for name, suffix in (("segcli-int8", "pt"), ("int8-onnx", "onnx")):
+        if name not in skip:
+            int8_row(rows, notes, name, weights, calibration, tmp / f"{kind}-int8.{suffix}", threshold, log)
     import onnxruntime as ort
 
     session_options = ort.SessionOptions()
@@ -276,21 +279,22 @@ def build_rows(kind, photos, threshold, tmp: Path, log, skip: set[str], calibrat
     return rows, out, describe, notes
 
 
-def int8_row(rows, notes, weights, calibration: list[Path], path: Path, threshold, log) -> None:
-    """`segcli quantize` on photos the rounds do not time; the row runs its file through segcli predict."""
+def int8_row(rows, notes, name, weights, calibration: list[Path], path: Path, threshold, log) -> None:
+    """`segcli quantize` on photos the rounds do not time (.pt: segcli's own int8 pipeline; .onnx:
+    ONNX Runtime's QDQ file); the row runs the file through segcli predict."""
     from segcli.device import cpu_int8_dot_product
-    from segcli.export.quantize import QuantizeOptions, run_quantize
+    from segcli.export.quantize import QuantizeOptions
+    from segcli.export.quantize_native import quantize
 
     if cpu_int8_dot_product() is None:
-        notes.append("segcli-int8: skipped, this CPU has no VNNI / AMX-INT8 (segcli refuses int8 files there)")
+        notes.append(f"{name}: skipped, this CPU has no VNNI / AMX-INT8 (segcli refuses int8 files there)")
         return
-    log(f"segcli quantize on {len(calibration)} photos ...")
-    summary = run_quantize(QuantizeOptions(weights=str(weights), images=[str(c) for c in calibration], out=str(path),
-                                           calibration_images=len(calibration), min_agreement=0.0,
-                                           check_export=False))
-    notes.append(f"segcli-int8: {summary.quantized_layers} layers, {summary.bytes / 1e6:.0f} MB, quantized in "
+    log(f"segcli quantize --out {path.name} on {len(calibration)} photos ...")
+    summary = quantize(QuantizeOptions(weights=str(weights), images=[str(c) for c in calibration], out=str(path),
+                                       calibration_images=len(calibration), min_agreement=0.0, check_export=False))
+    notes.append(f"{name}: {summary.quantized_layers} layers, {summary.bytes / 1e6:.0f} MB, quantized in "
                  f"{summary.seconds:.0f} s on {len(summary.calibration)} photos; {summary.agreement}")
-    rows["segcli-int8"] = lambda p, o: segcli_loop(path, p, threshold, o)
+    rows[name] = lambda p, o: segcli_loop(path, p, threshold, o)
 
 
 def rows_weights(kind: str, tmp: Path):
@@ -353,10 +357,14 @@ def bench_model(kind, photos, rounds, threshold, tmp, skip, calibration, profile
             plain = [seconds["plain"][r] / seconds["segcli"][r] for r in range(rounds)]
             line += f"; segcli / plain: {statistics.median(plain):.2f}x ({min(plain):.2f}..{max(plain):.2f}; target >= 8x)"
         print(line)
-    if "segcli-int8" in seconds and "segcli" in seconds:
-        int8 = [seconds["segcli"][r] / seconds["segcli-int8"][r] for r in range(rounds)]
-        print(f"  segcli-int8 / segcli ({resolve_precision('auto', torch.device('cpu'))}): {statistics.median(int8):.2f}x "
-              f"({min(int8):.2f}..{max(int8):.2f}; target >= 1.6x over bf16)")
+    for name in ("segcli-int8", "int8-onnx"):
+        if name in seconds and "segcli" in seconds:
+            int8 = [seconds["segcli"][r] / seconds[name][r] for r in range(rounds)]
+            print(f"  {name} / segcli ({resolve_precision('auto', torch.device('cpu'))}): {statistics.median(int8):.2f}x "
+                  f"({min(int8):.2f}..{max(int8):.2f}; target >= 1.6x over bf16)")
+    if others and "segcli-int8" in seconds:
+        versus = [min(seconds[n][r] for n in others) / seconds["segcli-int8"][r] for r in range(rounds)]
+        print(f"  segcli-int8 / fastest of ORT and OpenVINO: {statistics.median(versus):.2f}x ({min(versus):.2f}..{max(versus):.2f})")
     if profile:
         print_profile(rows_weights(kind, tmp), photos, threshold, tmp)
     sys.stdout.flush()
