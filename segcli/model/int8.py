@@ -254,24 +254,26 @@ class Int8FPN(nn.Module):
         return dict(zip(names + ["pool"], results))
 
 
-def _convert_sequence(sequence: nn.Module, ranges: dict, prefix: str, dtype: torch.dtype) -> int:
-    """The fused convs and linears of a (nested) Sequential in int8: u8 between consecutive ones,
-    float out of the last (what follows reads floats). Returns how many were converted."""
-    layers = [(name, m) for name, m in sequence.named_modules() if isinstance(m, (FusedConv2d, FusedLinear))]
-    for position, (name, layer) in enumerate(layers):
-        out = "u8" if position + 1 < len(layers) else dtype
+def _convert_sequence(sequence: nn.Sequential, ranges: dict, prefix: str, dtype: torch.dtype) -> int:
+    """The fused convs and linears of a Sequential (nested Sequentials run in order, so its leaves
+    are its order of execution) in int8: u8 out where the next leaf is another int8 layer, float
+    out where anything else reads it (a Flatten, the next stage). Returns how many were converted.
+    A tree with anything but Sequentials above its leaves is left float."""
+    if not all(isinstance(m, nn.Sequential) for m in sequence.modules() if list(m.children())):
+        return 0
+    leaves = [(name, m) for name, m in sequence.named_modules() if not list(m.children()) and not isinstance(m, nn.Identity)]
+    converted = 0
+    for position, (name, layer) in enumerate(leaves):
+        if not isinstance(layer, (FusedConv2d, FusedLinear)):
+            continue
+        following = leaves[position + 1][1] if position + 1 < len(leaves) else None
+        out = "u8" if isinstance(following, (FusedConv2d, FusedLinear)) else dtype
         make = Int8Conv2d if isinstance(layer, FusedConv2d) else Int8Linear
         parent_name, _, child = name.rpartition(".")
         parent = sequence.get_submodule(parent_name) if parent_name else sequence
         setattr(parent, child, make(layer, ranges[f"{prefix}.{name}"], out))
-    return len(layers)
-
-
-def _only_consecutive(sequence: nn.Module) -> bool:
-    """Every layer of the sequence is a fused layer or a pass-through (Identity/Flatten), so u8
-    maps can flow from one fused layer to the next."""
-    passthrough = (nn.Identity, nn.Sequential, FusedConv2d, FusedLinear)
-    return all(isinstance(m, passthrough) or type(m).__name__ == "Conv2dNormActivation" for m in sequence.modules())
+        converted += 1
+    return converted
 
 
 def convert_backbone(model: nn.Module, ranges: dict[str, dict[str, float]], dtype: torch.dtype) -> int:
@@ -301,9 +303,9 @@ def convert(model: nn.Module, ranges: dict[str, dict[str, float]], dtype: torch.
         heads.box_head.fc6 = Int8Linear(heads.box_head.fc6, ranges["roi_heads.box_head.fc6"], "u8")
         heads.box_head.fc7 = Int8Linear(heads.box_head.fc7, ranges["roi_heads.box_head.fc7"], dtype)
         converted += 2
-    elif _only_consecutive(heads.box_head):
+    elif isinstance(heads.box_head, nn.Sequential):
         converted += _convert_sequence(heads.box_head, ranges, "roi_heads.box_head", dtype)
-    if _only_consecutive(heads.mask_head):
+    if isinstance(heads.mask_head, nn.Sequential):
         converted += _convert_sequence(heads.mask_head, ranges, "roi_heads.mask_head", dtype)
     return converted
 
