@@ -128,29 +128,38 @@ def _weight_qparams(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q.contiguous(), scales.contiguous()
 
 
-class Int8Conv2d(nn.Module):
+class _Int8Layer(nn.Module):
+    """What an int8 conv and linear share: the u8 grids of input and output (from the observed
+    ranges; a float output has none), the s8 weights per output channel, the float32 bias."""
+
+    def __init__(self, fused: FusedConv2d | FusedLinear, ranges: dict[str, float], out: str | torch.dtype) -> None:
+        super().__init__()
+        self.unary = fused.unary
+        self.in_scale, self.in_zero_point = qparams(ranges["in_lo"], ranges["in_hi"])
+        self.out = out
+        self.out_scale, self.out_zero_point = qparams(ranges["out_lo"], ranges["out_hi"]) if out == "u8" else (1.0, 0)
+        self.int8_weight, self.w_scales = _weight_qparams(fused.weight)  # prepacked by the subclass
+        self.w_zero_points = torch.zeros(self.int8_weight.shape[0], dtype=torch.int64)
+        self.bias = None if fused.bias is None else fused.bias.detach().float()
+
+
+class Int8Conv2d(_Int8Layer):
     """A FusedConv2d (BatchNorm folded, optional ReLU, optional residual sum) in int8.
 
     `out` is "u8" (a QMap on the observed output range) or a float dtype. Input: a QMap, or a float
     map quantized on the observed input range."""
 
     def __init__(self, fused: FusedConv2d, ranges: dict[str, float], out: str | torch.dtype) -> None:
-        super().__init__()
+        super().__init__(fused, ranges, out)
         padding, stride, dilation, groups = fused.geometry
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-        self.unary = fused.unary
-        self.in_scale, self.in_zero_point = qparams(ranges["in_lo"], ranges["in_hi"])
-        self.out = out
-        self.out_scale, self.out_zero_point = qparams(ranges["out_lo"], ranges["out_hi"]) if out == "u8" else (1.0, 0)
-        weight, self.w_scales = _weight_qparams(fused.weight)
-        self.w_zero_points = torch.zeros(weight.shape[0], dtype=torch.int64)
-        self.bias = None if fused.bias is None else fused.bias.detach().float()
         # Prepacked for an input shape seen in calibration: without one, oneDNN picks a weight
         # layout that the kernel it chooses at run time may not read, and then reorders the
         # weights on every call (measured: 60 ms a call for layer4's 1x1 shortcut, against 5 ms
         # for the convolution itself). Any real feature-map shape gives the kernel's layout.
-        self.weight = torch.ops.onednn.qconv_prepack(weight, self.w_scales, self.in_scale, self.in_zero_point,
+        self.weight = torch.ops.onednn.qconv_prepack(self.int8_weight, self.w_scales, self.in_scale, self.in_zero_point,
                                                      stride, padding, dilation, groups, ranges.get("in_shape"))
+        del self.int8_weight
 
     def _input(self, x: Tensor | QMap) -> QMap:
         if isinstance(x, QMap) and x.scale == self.in_scale and x.zero_point == self.in_zero_point:
@@ -186,19 +195,13 @@ class Int8Conv2d(nn.Module):
         return self._output(y)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_Int8Layer):
     """A FusedLinear in int8 (rows in, rows out), `out` as for Int8Conv2d."""
 
     def __init__(self, fused: FusedLinear, ranges: dict[str, float], out: str | torch.dtype) -> None:
-        super().__init__()
-        self.unary = fused.unary
-        self.in_scale, self.in_zero_point = qparams(ranges["in_lo"], ranges["in_hi"])
-        self.out = out
-        self.out_scale, self.out_zero_point = qparams(ranges["out_lo"], ranges["out_hi"]) if out == "u8" else (1.0, 0)
-        weight, self.w_scales = _weight_qparams(fused.weight)
-        self.w_zero_points = torch.zeros(weight.shape[0], dtype=torch.int64)
-        self.bias = None if fused.bias is None else fused.bias.detach().float()
-        self.weight = torch.ops.onednn.qlinear_prepack(weight, ranges.get("in_shape"))
+        super().__init__(fused, ranges, out)
+        self.weight = torch.ops.onednn.qlinear_prepack(self.int8_weight, ranges.get("in_shape"))
+        del self.int8_weight
 
     def forward(self, x: Tensor | QMap) -> Tensor | QMap:
         if isinstance(x, QMap) and (x.scale, x.zero_point) != (self.in_scale, self.in_zero_point):
