@@ -25,10 +25,11 @@ def quantize(
     max_det: int = typer.Option(100, help="Most detections per image the model keeps."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary on stderr."),
 ) -> None:
-    """Quantize a model to int8 for the CPU (static, calibrated on your photos). A .pt file runs
-    int8 layers inside segcli's own pipeline; a .onnx file is ONNX Runtime's QDQ model (needs the
-    ONNX extra: pip install "segcli\\[onnx]"). Either carries a checksum that predict checks, and
-    runs only on CPUs with int8 dot-product instructions (VNNI, AMX-INT8)."""
+    """Quantize a model to int8 for the CPU, calibrated on your photos.
+
+    A .pt file runs int8 layers inside segcli's own pipeline; a .onnx file is ONNX Runtime's QDQ
+    model (needs the ONNX extra: pip install "segcli\\[onnx]"). Either carries a checksum that
+    predict checks, and runs only on CPUs with int8 dot-product instructions (VNNI, AMX-INT8)."""
     from segcli.export.quantize import QuantizeOptions
     from segcli.export.quantize_native import quantize as run_quantize
 
