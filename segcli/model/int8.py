@@ -54,6 +54,9 @@ class QMap:
     scale: float
     zero_point: int
 
+    def dequantize(self) -> Tensor:
+        return (self.data.float() - self.zero_point) * self.scale
+
 
 def qparams(lo: float, hi: float) -> tuple[float, int]:
     """(scale, zero_point) of an asymmetric u8 grid covering [lo, hi] and 0 (so zero padding is exact)."""
@@ -142,6 +145,20 @@ class _Int8Layer(nn.Module):
         self.w_zero_points = torch.zeros(self.int8_weight.shape[0], dtype=torch.int64)
         self.bias = None if fused.bias is None else fused.bias.detach().float()
 
+    memory_format = torch.contiguous_format  # of a float input quantized here
+
+    def _input(self, x: Tensor | QMap) -> QMap:
+        """x on this layer's input grid: a QMap on it as is, anything else (re)quantized. Producer
+        and consumer are built from the same observed range, so requantizing is a safety net."""
+        if isinstance(x, QMap) and (x.scale, x.zero_point) == (self.in_scale, self.in_zero_point):
+            return x
+        if isinstance(x, QMap):
+            x = x.dequantize()
+        return quantize(x.contiguous(memory_format=self.memory_format), self.in_scale, self.in_zero_point)
+
+    def _output(self, y: Tensor) -> Tensor | QMap:
+        return QMap(y, self.out_scale, self.out_zero_point) if self.out == "u8" else y
+
 
 class Int8Conv2d(_Int8Layer):
     """A FusedConv2d (BatchNorm folded, optional ReLU, optional residual sum) in int8.
@@ -161,15 +178,7 @@ class Int8Conv2d(_Int8Layer):
                                                      stride, padding, dilation, groups, ranges.get("in_shape"))
         del self.int8_weight
 
-    def _input(self, x: Tensor | QMap) -> QMap:
-        if isinstance(x, QMap) and x.scale == self.in_scale and x.zero_point == self.in_zero_point:
-            return x
-        if isinstance(x, QMap):
-            x = (x.data.float() - x.zero_point) * x.scale
-        return quantize(x.contiguous(memory_format=torch.channels_last), self.in_scale, self.in_zero_point)
-
-    def _output(self, y: Tensor) -> Tensor | QMap:
-        return QMap(y, self.out_scale, self.out_zero_point) if self.out == "u8" else y
+    memory_format = torch.channels_last
 
     def forward(self, x: Tensor | QMap, residual: Tensor | QMap | None = None) -> Tensor | QMap:
         q = self._input(x)
@@ -186,7 +195,7 @@ class Int8Conv2d(_Int8Layer):
                 raise TypeError("a u8 residual sum needs a u8 residual")
             accum, accum_scale, accum_zero_point = residual.data, residual.scale, residual.zero_point
         else:
-            accum = residual.data.float().sub(residual.zero_point).mul(residual.scale) if isinstance(residual, QMap) else residual
+            accum = residual.dequantize() if isinstance(residual, QMap) else residual
             accum, accum_scale, accum_zero_point = accum.to(self.out).contiguous(memory_format=torch.channels_last), 1.0, 0
         y = torch.ops.onednn.qconv2d_pointwise.binary(
             q.data, q.scale, q.zero_point, self.weight, self.w_scales, self.w_zero_points, accum, self.bias,
@@ -204,13 +213,11 @@ class Int8Linear(_Int8Layer):
         del self.int8_weight
 
     def forward(self, x: Tensor | QMap) -> Tensor | QMap:
-        if isinstance(x, QMap) and (x.scale, x.zero_point) != (self.in_scale, self.in_zero_point):
-            x = (x.data.float() - x.zero_point) * x.scale
-        q = x if isinstance(x, QMap) else quantize(x.contiguous(), self.in_scale, self.in_zero_point)
+        q = self._input(x)
         y = torch.ops.onednn.qlinear_pointwise(
             q.data, q.scale, q.zero_point, self.weight, self.w_scales, self.w_zero_points, self.bias,
             self.out_scale, self.out_zero_point, None if self.out == "u8" else self.out, self.unary, [], "")
-        return QMap(y, self.out_scale, self.out_zero_point) if self.out == "u8" else y
+        return self._output(y)
 
 
 class Int8ResidualBlock(nn.Module):
@@ -222,7 +229,6 @@ class Int8ResidualBlock(nn.Module):
         super().__init__()
         self.convs = nn.ModuleList(Int8Conv2d(conv, ranges[f"{prefix}.convs.{i}"], "u8") for i, conv in enumerate(block.convs))
         self.downsample = None if block.downsample is None else Int8Conv2d(block.downsample, ranges[f"{prefix}.downsample"], "u8")
-        self.in_scale, self.in_zero_point = self.convs[0].in_scale, self.convs[0].in_zero_point
 
     def forward(self, x: Tensor | QMap) -> QMap:
         x = self.convs[0]._input(x)
