@@ -64,6 +64,17 @@ def cpu_int8_dot_product() -> str | None:
     return ", ".join(found) or None
 
 
+def refuse_slow_int8(name: str, use_instead: str) -> None:
+    """An int8 model runs only where it is faster than float32: a CPU without int8 dot products is
+    a UsageError naming `use_instead`, unless INT8_ANYWAY_ENV is set."""
+    import os
+
+    if cpu_int8_dot_product() is None and os.environ.get(INT8_ANYWAY_ENV) != "1":
+        raise UsageError(f"{name} is an int8 model, and this CPU has no int8 dot-product instructions (AVX-512 VNNI, "
+                         f"AVX-VNNI or AMX-INT8), where it runs slower than float32: use {use_instead}, or set "
+                         f"{INT8_ANYWAY_ENV}=1")
+
+
 def resolve_precision(spec: str, device: torch.device) -> str:
     """`auto` -> bf16 where the hardware runs it fast (CUDA with bf16, AMX/AVX-512 CPUs), else fp32."""
     if spec == "int8":

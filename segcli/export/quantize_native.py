@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ def int8_digest(state_dict: dict[str, torch.Tensor], ranges: dict, scope: str) -
 def check_int8_checkpoint(checkpoint: Checkpoint, precision: str, device: torch.device) -> None:
     """Refuse what cannot or should not run: a wrong --precision or --device (exit 2), a CPU
     without int8 dot products (exit 2), a file changed after it was written (exit 3)."""
-    from segcli.device import INT8_ANYWAY_ENV, cpu_int8_dot_product
+    from segcli.device import refuse_slow_int8
     from segcli.model.int8 import int8_kernels_available
 
     section = checkpoint.int8
@@ -57,10 +56,7 @@ def check_int8_checkpoint(checkpoint: Checkpoint, precision: str, device: torch.
                          "on the GPU")
     if not int8_kernels_available():
         raise UsageError(f"{name} is an int8 model, and this torch build has no oneDNN int8 operators; use {made_from}")
-    if cpu_int8_dot_product() is None and os.environ.get(INT8_ANYWAY_ENV) != "1":
-        raise UsageError(f"{name} is an int8 model, and this CPU has no int8 dot-product instructions (AVX-512 VNNI, "
-                         f"AVX-VNNI or AMX-INT8), where it runs slower than float32: use {made_from}, or set "
-                         f"{INT8_ANYWAY_ENV}=1")
+    refuse_slow_int8(name, made_from)
     if section.get("version") != FORMAT_VERSION or not isinstance(section.get("ranges"), dict):
         raise WeightsError(f"{name}: int8 section of version {section.get('version')!r}; this segcli reads {FORMAT_VERSION}")
     if int8_digest(checkpoint.state_dict, section["ranges"], section.get("scope", "all")) != section.get("sha256"):
@@ -80,8 +76,8 @@ def load_int8(model, checkpoint: Checkpoint):
 
 
 def quantize(options: QuantizeOptions, log=lambda message: None) -> QuantizeSummary:
-    """`segcli quantize`: a .pt --out is segcli's int8 checkpoint, a .onnx one ONNX Runtime's file."""
-    check_options(options)
+    """`segcli quantize`: a .pt --out is segcli's int8 checkpoint, a .onnx one ONNX Runtime's file
+    (each route checks the options first)."""
     if Path(options.out).suffix.lower() == ".onnx":
         return run_quantize(options, log)
     return run_native_quantize(options, log)
@@ -97,6 +93,7 @@ def run_native_quantize(options: QuantizeOptions, log) -> QuantizeSummary:
     from segcli.model.roi_heads import DetectionSettings
     from segcli.weights import resolve_weights, save_checkpoint
 
+    check_options(options)
     started = time.perf_counter()
     calibration, held_out = split_photos(options.images, options.calibration_images)
     checkpoint = resolve_weights(options.weights, options.arch)

@@ -186,15 +186,10 @@ def load_exported(weights: str, device: str = "auto", precision: str = "auto",
 
 def check_int8_file(path: Path, metadata: dict) -> None:
     """An int8 file runs only where it is faster than float32, and only as `segcli quantize` wrote it."""
-    import os
-
-    from segcli.device import INT8_ANYWAY_ENV, cpu_int8_dot_product
+    from segcli.device import refuse_slow_int8
     from segcli.export.onnx import require
 
-    if cpu_int8_dot_product() is None and os.environ.get(INT8_ANYWAY_ENV) != "1":
-        raise UsageError(f"{path.name} is an int8 model, and this CPU has no int8 dot-product instructions (AVX-512 "
-                         f"VNNI, AVX-VNNI or AMX-INT8), where it runs slower than float32: use the float32 weights "
-                         f"({metadata.get('weights')}), or set {INT8_ANYWAY_ENV}=1")
+    refuse_slow_int8(path.name, f"the float32 weights ({metadata.get('weights')})")
     from segcli.export.metadata import graph_digest
 
     if graph_digest(require("onnx", f"checking {path.name}").load(str(path))) != metadata.get("graph_sha256"):

@@ -74,7 +74,9 @@ class Predictor:
             return cls(model, checkpoint, torch.device("cpu"))
         torch_device = resolve_device(device)
         # A bad flag stops before weights are fetched; int8 is checked against the file below.
-        requested, precision = precision, (precision if precision == "int8" else resolve_precision(precision, torch_device))
+        requested = precision
+        if precision != "int8":
+            precision = resolve_precision(precision, torch_device)
         checkpoint = resolve_weights(weights, arch, progress=progress)
         if checkpoint.int8 is not None:
             from segcli.export.quantize_native import check_int8_checkpoint
