@@ -9,8 +9,8 @@ around the functions that make up each stage for the duration of the run:
   rpn         RPN head, anchors, top-k, proposal NMS
   box head    RoIAlign for the proposals, box head, scores, class NMS
   mask head   RoIAlign for the detections, mask head, own-class logits
-  paste       28x28 masks into image-size masks (and the copy to numpy)
-  rle         pycocotools RLE encoding
+  paste       28x28 masks into the crops around their boxes (CPU) or image-size masks (GPU)
+  rle         COCO RLE encoding (from the crops on the CPU, pycocotools on the GPU)
   writing     records, the resume journal, the COCO file
   other       the rest of the loop: the wall time minus the stages above (decode excluded)
 
@@ -81,8 +81,10 @@ def clocked(model, clock: StageClock) -> Iterator[StageClock]:
     clock.wrap(model.rpn, "forward", "rpn")
     clock.wrap(model.roi_heads, "detect", "box head")
     clock.wrap(model.roi_heads, "mask_probabilities", "mask head")
-    clock.wrap(maskrcnn.Detections, "paste_masks", "paste")
-    clock.wrap(predict, "encode_masks", "rle")
+    clock.wrap(maskrcnn.Detections, "paste_masks", "paste")  # the GPU's image-size paste
+    clock.wrap(maskrcnn, "paste_mask_crops", "paste")  # the CPU's paste into crops
+    clock.wrap(maskrcnn, "encode_masks", "rle")
+    clock.wrap(maskrcnn, "crop_to_rle", "rle")
     clock.wrap(predict, "build_record", "writing")
     clock.wrap(Journal, "add_records", "writing")
     clock.wrap(Journal, "done", "writing")

@@ -139,3 +139,29 @@ def test_area_of_more_than_255_masks():
         masks[k, : k % 20 + 1, : k % 10 + 1] = True
     rles = [mask_utils.encode(np.asfortranarray(m.T.astype(np.uint8))) for m in masks]
     assert rle_area(rles).tolist() == [int(m.sum()) for m in masks]
+
+
+def test_cpu_predictor_rles_equal_the_full_paste_encoding():
+    """predict on the CPU encodes each mask from the crop around its box: the RLEs must be those of
+    the image-size paste (what the GPU path and torchvision's paste give), with masks_above too."""
+    from pathlib import Path
+
+    from segcli.data.decode import Decoded
+    from segcli.data.sources import InputItem
+    from segcli.ops.rle import encode_masks
+    from segcli.predict.core import Predictor, collate
+    from tests.conftest import synthetic_shapes
+
+    shapes = synthetic_shapes()
+    image = np.ascontiguousarray(shapes.make_image(np.random.default_rng(3), 256)[0][:, :230])  # not square
+    predictor = Predictor.load("shapes_demo", None, "cpu", "fp32", 0.05, 100, progress=False)
+    batch, sizes = collate([image])
+    detections = predictor.model(batch, sizes)
+    assert len(detections.scores) >= 3  # several masks, so the comparison means something
+    full = encode_masks(detections.paste_masks(0).numpy())
+    decoded = Decoded(item=InputItem(Path("scene.png"), "scene.png"), index=0, image=image, error=None)
+    assert predictor._image_result(detections, 0, decoded).rles == full
+    predictor.masks_above = float(detections.scores[len(full) // 2])
+    masked = int((detections.scores.numpy() > predictor.masks_above).sum())
+    rles = predictor._image_result(detections, 0, decoded).rles
+    assert rles[:masked] == full[:masked] and all(r["counts"] == rles[-1]["counts"] for r in rles[masked:])

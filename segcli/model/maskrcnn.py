@@ -2,7 +2,8 @@
 
 forward(images) runs preprocessing, backbone + FPN, RPN, box head and mask head on the whole
 batch. Masks come out as 28x28 probabilities with their boxes; `Detections.paste_masks(i)` turns
-image i's into full-size masks, so a caller can encode one image at a time in bounded memory.
+image i's into full-size masks and `Detections.mask_rles(i)` into COCO RLEs, so a caller can
+encode one image at a time in bounded memory.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from torch import Tensor, nn
 from segcli.model.preprocess import PreparedBatch, ResizePolicy, padded_size, prepare_batch
 from segcli.model.roi_heads import FlatDetections, RoIHeads
 from segcli.model.rpn import RegionProposalNetwork
+from segcli.ops.paste_crops import paste_mask_crops
 from segcli.ops.paste_masks import paste_masks_transposed
+from segcli.ops.rle import encode_masks
+from segcli.ops.rle_crops import crop_to_rle
 from segcli.ops.roi_align import RoIPyramid
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -42,6 +46,18 @@ class Detections:
         rows = self.rows(image)[:count]
         height, width = self.image_sizes[image]
         return paste_masks_transposed(self.mask_probs[rows], self.boxes[rows], height, width, threshold)
+
+    def mask_rles(self, image: int, count: int | None = None) -> list[dict]:
+        """COCO RLEs of image `image`'s masks (its first `count`). On the CPU each mask is pasted
+        into the crop around its box and encoded from there (the same RLEs, tested): the image-size
+        paste computes and encodes every pixel outside the box too, 2.4x the time on 640x480 photos
+        with 26 masks each, more at 100 per image. On a GPU the batched full paste is the cheap part."""
+        if self.mask_probs.device.type == "cuda":
+            return encode_masks(self.paste_masks(image, count=count).cpu().numpy())
+        rows = self.rows(image)[:count]
+        height, width = self.image_sizes[image]
+        crops = paste_mask_crops(self.mask_probs[rows], self.boxes[rows], height, width)
+        return [crop_to_rle(crop.mask, crop.x0, crop.y0, height, width) for crop in crops]
 
 
 class MaskRCNN(nn.Module):

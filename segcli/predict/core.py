@@ -20,7 +20,6 @@ from segcli.errors import UsageError
 from segcli.model.build import model_from_checkpoint
 from segcli.model.maskrcnn import Detections, MaskRCNN
 from segcli.model.roi_heads import CUDA_CANDIDATE_CAP, DetectionSettings
-from segcli.ops.rle import encode_masks
 from segcli.ops.rle_crops import crop_to_rle
 from segcli.weights import Checkpoint, resolve_weights
 
@@ -129,10 +128,10 @@ class Predictor:
         height, width = detections.image_sizes[index]
         scores = detections.scores[rows].cpu().numpy()
         if self.masks_above is None:
-            rles = encode_masks(detections.paste_masks(index).cpu().numpy())
+            rles = detections.mask_rles(index)
         else:  # scores descend within an image: the detections with masks come first
             masked = int((scores > np.float32(self.masks_above)).sum())
-            rles = encode_masks(detections.paste_masks(index, count=masked).cpu().numpy())
+            rles = detections.mask_rles(index, count=masked)
             if masked < len(scores):
                 empty = crop_to_rle(np.zeros((0, 0), bool), 0, 0, height, width)
                 rles += [dict(empty) for _ in range(len(scores) - masked)]

@@ -13,7 +13,6 @@ from segcli.evaluate.ground_truth import ground_truth_from_dataset
 from segcli.evaluate.inputs import pycocotools_output
 from segcli.evaluate.run import evaluate_coco
 from segcli.model.maskrcnn import MaskRCNN
-from segcli.ops.rle import encode_masks
 
 
 class Validator:
@@ -36,11 +35,10 @@ class Validator:
         for record in self.dataset.images:
             image = read_image(record.path)
             detections = model(torch.from_numpy(image)[None].to(device), [image.shape[:2]])
-            masks = detections.paste_masks(0).cpu().numpy()
             boxes = detections.boxes.cpu().numpy()
             scores = detections.scores.cpu().numpy()
             labels = detections.labels.cpu().numpy()
-            for box, score, label, rle in zip(boxes, scores, labels, encode_masks(masks)):
+            for box, score, label, rle in zip(boxes, scores, labels, detections.mask_rles(0)):
                 x0, y0, x1, y1 = (float(v) for v in box)
                 results.append({"image_id": record.image_id, "category_id": int(label_to_category_id[label]),
                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score), "segmentation": rle})
