@@ -1,6 +1,6 @@
 """CPU images/s of segcli against the runtimes a user would pick instead, in one run.
 
-    python benchmarks/cpu_runtimes.py [--models demo,r50] [--images 6] [--rounds 3] [--score-thr 0.5]
+    python benchmarks/cpu_runtimes.py [--models demo,r50,r50v2] [--images 6] [--rounds 3] [--score-thr 0.5]
     python benchmarks/cpu_runtimes.py --quick        # about 3 minutes on 2 cores
 
 One process, the same photos (../shared/data/coco_tiny, val2017 first), the same weights for every
@@ -24,8 +24,9 @@ and RLE-encoded, JSON written), one photo at a time except where a runtime batch
 
 Models: `demo` (the shipped maskrcnn_resnet18_fpn_tiny shapes model, weights/), `r50` (R50-FPN v1
 with seeded random weights, classifier scaled to about 10 detections per image at 0.5, as
-benchmarks.common.seeded_state_dict), `r50-raw` (torchvision's own random initialisation: almost no
-detections, so the mask stage costs nothing).
+benchmarks.common.seeded_state_dict), `r50v2` (R50-FPN v2, torchvision's maskrcnn_resnet50_fpn_v2:
+BatchNorm in the FPN and heads, a 4-conv box head; seeded and scaled the same way), `r50-raw`
+(torchvision's own random initialisation: almost no detections, so the mask stage costs nothing).
 
 Rounds: every round runs every row once on the same photos, in a rotated order, after one untimed
 warm-up photo per row. Printed: each round's images/s and ratio to plain, then per row the median
@@ -69,6 +70,8 @@ from segcli.weights import resolve_weights, save_checkpoint  # noqa: E402
 ROWS = ("plain", "tuned", "segcli", "segcli+ort", "segcli-int8", "int8-onnx", "ort", "ov-latency", "ov-thruput")
 CALIBRATION_PHOTOS = 16
 R50 = "maskrcnn_resnet50_fpn"
+ARCH_OF = {"r50": R50, "r50v2": "maskrcnn_resnet50_fpn_v2", "r50-raw": R50}
+MODELS = ("demo", *ARCH_OF)
 
 
 # -- the machine -------------------------------------------------------------------------------
@@ -211,11 +214,11 @@ def prepare_model(kind: str, photos: list[Path], tmp: Path, log):
         label_to_category = checkpoint.label_to_category_id
         describe = f"shipped demo weights ({arch})"
     else:
-        arch = R50
-        if kind == "r50":
+        arch = ARCH_OF[kind]
+        if kind != "r50-raw":
             log("finding the classifier scale for about 10 detections per image ...")
             state = seeded_state_dict(arch, photos[:2])
-            describe = f"{arch} v1, seeded random weights, classifier scaled (~10 detections/image)"
+            describe = f"{arch}, seeded random weights, classifier scaled (~10 detections/image)"
         else:
             torch.manual_seed(0)
             state = torchvision_model(arch).state_dict()
@@ -372,7 +375,8 @@ def bench_model(kind, photos, rounds, threshold, tmp, skip, calibration, profile
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="demo,r50", help="demo, r50 (scaled classifier), r50-raw (torchvision init)")
+    parser.add_argument("--models", default="demo,r50,r50v2", help="demo, r50 (v1, scaled classifier), r50v2 (v2, scaled classifier), "
+                        "r50-raw (v1, torchvision init)")
     parser.add_argument("--images", type=int, default=6, help="photos per round (default 6)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--score-thr", type=float, default=0.5)
@@ -383,8 +387,8 @@ def main() -> None:
     args = parser.parse_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for model in models:
-        if model not in ("demo", "r50", "r50-raw"):
-            parser.error(f"--models: unknown {model!r}; choose demo, r50, r50-raw")
+        if model not in MODELS:
+            parser.error(f"--models: unknown {model!r}; choose {', '.join(MODELS)}")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if skip - set(ROWS):
         parser.error(f"--skip: unknown rows {', '.join(sorted(skip - set(ROWS)))}; rows are {', '.join(ROWS)}")

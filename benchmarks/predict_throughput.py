@@ -108,18 +108,24 @@ def match_fraction(reference, candidate):
 
 
 def mask_ap(ground_truth, predictions):
-    """COCO mask AP of `predictions` scored with `ground_truth` detections as the truth."""
+    """COCO mask AP of `predictions` scored with `ground_truth` detections as the truth.
+
+    Empty masks (no pixel above 0.5, common with seeded random weights) are left out on both
+    sides: an empty mask's IoU with anything is 0, so a set scored against itself would read
+    below 1 (0.951 on seeded R50 did)."""
     images, anns, results = [], [], []
     for image_id, (name, (_, _, labels, masks, rles)) in enumerate(ground_truth.items(), start=1):
         height, width = (masks.shape[1], masks.shape[2]) if masks.shape[0] else (1, 1)
         images.append({"id": image_id, "file_name": name, "height": height, "width": width})
         for k, rle in enumerate(rles):
             area = float(mask_utils.area(rle))
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(labels[k]), "segmentation": rle,
-                         "area": area, "bbox": list(mask_utils.toBbox(rle)), "iscrowd": 0})
+            if area:
+                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(labels[k]), "segmentation": rle,
+                             "area": area, "bbox": list(mask_utils.toBbox(rle)), "iscrowd": 0})
         p = predictions[name]
         for k, rle in enumerate(p[4]):
-            results.append({"image_id": image_id, "category_id": int(p[2][k]), "segmentation": rle, "score": float(p[1][k])})
+            if mask_utils.area(rle):
+                results.append({"image_id": image_id, "category_id": int(p[2][k]), "segmentation": rle, "score": float(p[1][k])})
     if not anns or not results:
         return float("nan")
     gt = COCO()
