@@ -129,6 +129,8 @@ def test_bad_inputs_are_skipped_with_one_line_each_and_exit_code_1(checkpoint, t
         (["predict", "{photo}", "--weights", "{checkpoint}", "--out", "{tmp}/p.csv"], 2, "cannot tell the output format"),
         (["predict", "{photo}", "--weights", "{checkpoint}", "--classes", "unicorn"], 2, "--classes"),
         (["predict", "{photo}", "--weights", "{checkpoint}", "--vid-stride", "0"], 2, "--vid-stride"),
+        (["predict", "{photo}", "--weights", "{checkpoint}", "--streams", "0"], 2, "--streams"),
+        (["predict", "{photo}", "--weights", "{checkpoint}", "--streams", "17"], 2, "--streams"),
     ],
 )
 def test_usage_and_weights_errors_are_one_line(args, code, words, checkpoint, photos, tmp_path):

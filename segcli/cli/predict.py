@@ -60,6 +60,11 @@ def predict(
     workers: Optional[int] = typer.Option(
         None, help="Background decoding threads (default 1 on <= 2 CPU cores, else 2; 0 decodes inline)."
     ),
+    streams: Optional[int] = typer.Option(
+        None, help="Batches predicted at once, each on an equal share of the CPU threads (default 1). "
+                   "2 on 2 cores keeps both busy through NMS and mask encoding: 1.15x on small models, "
+                   "none on R50. bf16 results are those of a run on threads/N threads."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, notes or summary on stderr; failed inputs are still named."),
     slice: str = typer.Option(
         "auto", "--slice",
@@ -114,7 +119,7 @@ def predict(
         fail(UsageError("--ray-actors needs --ray (or --ray-address)"))
     options = PredictOptions(
         sources=sources, out=out, weights=weights, arch=arch, device=device, precision=precision,
-        batch_size=batch_size, score_thr=score_thr, max_det=max_det, format=format, workers=workers, quiet=quiet,
+        batch_size=batch_size, score_thr=score_thr, max_det=max_det, format=format, workers=workers, streams=streams, quiet=quiet,
         masks=masks, poly_tolerance=poly_tolerance, classes=classes, vid_stride=vid_stride, overlay=overlay,
         resume=resume, slice=slice, overlap=overlap, slice_merge=slice_merge, slice_match=slice_match,
         slice_match_thr=slice_match_thr, slice_whole=slice_whole, shard=shard,

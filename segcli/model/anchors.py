@@ -47,6 +47,6 @@ class AnchorGenerator(nn.Module):
                 shifts = torch.stack((sx.reshape(-1), sy.reshape(-1), sx.reshape(-1), sy.reshape(-1)), dim=1)
                 cached.append((shifts.view(-1, 1, 4) + self.base_anchors(size, device).view(1, -1, 4)).reshape(-1, 4))
             if len(self._cache) >= CACHE_SIZE:  # a folder has few distinct sizes; drop the oldest
-                self._cache.pop(next(iter(self._cache)))
+                self._cache.pop(next(iter(self._cache), None), None)  # two --streams may drop the same one
             self._cache[key] = cached
         return cached

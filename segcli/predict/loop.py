@@ -27,6 +27,7 @@ from segcli.data.sources import InputItem
 from segcli.predict.core import ImagePrediction, batches
 from segcli.predict.options import PredictOptions, PredictSummary
 from segcli.predict.plan import OutputPlan
+from segcli.predict.streams import predicted
 from segcli.progress import Progress
 from segcli.text import escaped
 from segcli.writers.journal import Signature
@@ -154,15 +155,16 @@ class RunLoop:
         predictor = context.predictor
         batch_size = options.batch_size or (8 if predictor.device.type == "cuda" else 1)
         workers = options.workers if options.workers is not None else (1 if (os.cpu_count() or 1) <= 2 else 2)
+        streams = options.streams or 1
         finished = 0
         with Progress(len(context.todo), enabled=show_progress, stream=context.stderr) as progress:
             decoded = iter_decoded([context.items[i] for i in context.todo], workers=workers,
                                    prefetch=max(8, 2 * batch_size), vid_stride=options.vid_stride)
             try:
                 with self.stopping_early():
-                    for event in batches(decoded, batch_size):
+                    for event, results in predicted(batches(decoded, batch_size), predictor.predict, streams):
                         if isinstance(event, list):
-                            for frame, found in zip(event, predictor.predict(event)):
+                            for frame, found in zip(event, results):
                                 finished += self.result(context.todo[frame.index], frame, found)
                         elif isinstance(event, InputDone):
                             finished += self.video_done(context.todo[event.index], event.note)

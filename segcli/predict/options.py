@@ -26,6 +26,7 @@ class PredictOptions:
     max_det: int = 100
     format: str | None = None  # None: from --out (see plan_output): jsonl on stdout, coco for .json...
     workers: int | None = None  # None: 1 decoding thread on <= 2 cores (more would slow the model), else 2
+    streams: int | None = None  # CPU: batches predicted at once, each on threads / streams (segcli.predict.streams)
     progress: bool | None = None  # None: when stderr is a terminal
     quiet: bool = False
     masks: str = "rle"  # coco, coco-results, jsonl: "rle" or "polygon"

@@ -10,6 +10,7 @@ from segcli.data.images import max_pixels
 from segcli.errors import UsageError
 from segcli.predict.options import MAX_BATCH, PredictOptions, PredictSummary
 from segcli.predict.single import run_single
+from segcli.predict.streams import check_streams
 
 
 def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: TextIO | None = None) -> PredictSummary:
@@ -20,6 +21,7 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
         raise UsageError(f"--batch-size must be at most {MAX_BATCH}, got {options.batch_size}")
     if options.workers is not None and options.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {options.workers}")
+    check_streams(options.streams)
     max_pixels()  # a bad SEGCLI_MAX_PIXELS is one usage error now, not one per image later
     if options.rank is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from segcli.predict.torchrun import run_ranks  # each rank runs run_single with its own slice
