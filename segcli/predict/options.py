@@ -11,6 +11,7 @@ from segcli.predict.shards import ShardSpec
 from segcli.predict.tracking import TrackSettings
 
 MAX_BATCH = 1024  # images per forward pass; twice as many are decoded ahead and held in memory
+MAX_STREAMS = 16  # batches predicted at once (segcli.predict.streams)
 
 
 @dataclass

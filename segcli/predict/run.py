@@ -8,9 +8,8 @@ from typing import TextIO
 
 from segcli.data.images import max_pixels
 from segcli.errors import UsageError
-from segcli.predict.options import MAX_BATCH, PredictOptions, PredictSummary
+from segcli.predict.options import MAX_BATCH, MAX_STREAMS, PredictOptions, PredictSummary
 from segcli.predict.single import run_single
-from segcli.predict.streams import check_streams
 
 
 def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: TextIO | None = None) -> PredictSummary:
@@ -21,7 +20,8 @@ def run_predict(options: PredictOptions, stdin: TextIO | None = None, stderr: Te
         raise UsageError(f"--batch-size must be at most {MAX_BATCH}, got {options.batch_size}")
     if options.workers is not None and options.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {options.workers}")
-    check_streams(options.streams)
+    if options.streams is not None and not 1 <= options.streams <= MAX_STREAMS:
+        raise UsageError(f"--streams must be between 1 and {MAX_STREAMS}, got {options.streams}")
     max_pixels()  # a bad SEGCLI_MAX_PIXELS is one usage error now, not one per image later
     if options.rank is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from segcli.predict.torchrun import run_ranks  # each rank runs run_single with its own slice

@@ -26,10 +26,6 @@ from typing import Iterable, Iterator
 
 import torch
 
-from segcli.errors import UsageError
-
-MAX_STREAMS = 16
-
 
 def threads_per_stream(streams: int) -> int:
     """Intra-op threads of each stream: this process's threads shared out, at least one each."""
@@ -66,9 +62,4 @@ def predicted(events: Iterable, predict, streams: int) -> Iterator[tuple[object,
 def _resolved(entry: tuple[object, Future | None]) -> tuple[object, list | None]:
     event, future = entry
     return event, None if future is None else future.result()
-
-
-def check_streams(streams: int | None) -> None:
-    if streams is not None and not 1 <= streams <= MAX_STREAMS:
-        raise UsageError(f"--streams must be between 1 and {MAX_STREAMS}, got {streams}")
 
