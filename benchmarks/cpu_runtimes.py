@@ -37,6 +37,11 @@ share of plain fp32's detections each row reproduces (segcli.model.parity's cont
 within 0.5 px, score within 1e-3, mask IoU >= 0.98), and COCO mask AP with plain fp32's detections as
 the ground truth (bf16 moves scores by more than 1e-3, so it is judged by the AP). The machine is
 shared: read the spread before the median.
+
+Then the compute floor (benchmarks/compute_floor.py: multiply-accumulates per image over the
+fastest rate oneDNN's convolutions reached here), each row's share of it, and the most the ratio
+targets can reach at it: a target above its ceiling needs fewer multiply-accumulates or faster
+kernels, not less overhead.
 """
 
 from __future__ import annotations
@@ -376,9 +381,32 @@ def bench_model(kind, photos, rounds, threshold, tmp, skip, calibration, profile
     if "segcli-2s" in seconds and "segcli" in seconds:
         two = [seconds["segcli"][r] / seconds["segcli-2s"][r] for r in range(rounds)]
         print(f"  segcli-2s / segcli: {statistics.median(two):.2f}x ({min(two):.2f}..{max(two):.2f})")
+    print_floor(rows_weights(kind, tmp), photos, medians, log)
     if profile:
         print_profile(rows_weights(kind, tmp), photos, threshold, tmp)
     sys.stdout.flush()
+
+
+def print_floor(weights, photos, medians: dict[str, float], log) -> None:
+    """The compute floor (benchmarks/compute_floor.py) and what it allows each ratio target: how
+    close each row came to the most images/s oneDNN's convolutions allow on this machine."""
+    from benchmarks.compute_floor import compute_floor
+
+    log("compute floor ...")
+    floor = compute_floor(str(weights), photos)
+    limit = 1 / floor.seconds
+    print(f"  compute floor: {floor.describe()}")
+    print("  share of the floor reached: " + ", ".join(f"{name} {rate / limit:.0%}" for name, rate in medians.items()))
+    others = [medians[n] for n in ("ort", "ov-latency", "ov-thruput") if n in medians]
+    ceilings = []
+    if "plain" in medians:
+        ceilings.append(f"x plain <= {limit / medians['plain']:.2f}x (target 8x)")
+    if others:
+        needed = 1.3 * max(others) / limit
+        ceilings.append(f"/ fastest of ORT and OpenVINO <= {limit / max(others):.2f}x "
+                        f"(target 1.3x: segcli at {needed:.0%} of the floor)")
+    if ceilings:
+        print("  ceilings for segcli's precision at the floor: " + "; ".join(ceilings))
 
 
 def main() -> None:
