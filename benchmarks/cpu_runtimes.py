@@ -1,6 +1,6 @@
 """CPU images/s of segcli against the runtimes a user would pick instead, in one run.
 
-    python benchmarks/cpu_runtimes.py [--models demo,r50,r50v2] [--images 6] [--rounds 3] [--score-thr 0.5]
+    python benchmarks/cpu_runtimes.py [--models demo,r50,r50v2] [--images N] [--rounds 3] [--score-thr 0.5]
     python benchmarks/cpu_runtimes.py --quick        # about 3 minutes on 2 cores
 
 One process, the same photos (../shared/data/coco_tiny, val2017 first), the same weights for every
@@ -76,6 +76,7 @@ from segcli.weights import resolve_weights, save_checkpoint  # noqa: E402
 
 ROWS = ("plain", "tuned", "segcli", "segcli-2s", "segcli+ort", "segcli-int8", "int8-onnx", "ort", "ov-latency", "ov-thruput")
 CALIBRATION_PHOTOS = 16
+DEMO_PHOTOS = 18  # of coco_tiny's 38: the 16 calibration photos follow them
 R50 = "maskrcnn_resnet50_fpn"
 ARCH_OF = {"r50": R50, "r50v2": "maskrcnn_resnet50_fpn_v2", "r50-raw": R50}
 MODELS = ("demo", *ARCH_OF)
@@ -413,7 +414,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="demo,r50,r50v2", help="demo, r50 (v1, scaled classifier), r50v2 (v2, scaled classifier), "
                         "r50-raw (v1, torchvision init)")
-    parser.add_argument("--images", type=int, default=6, help="photos per round (default 6)")
+    parser.add_argument("--images", type=int, default=None, help="photos per round (default: 18 for demo, whose "
+                        "6 photos took 0.4 s a round, too short against the machine's noise; 6 for the R50s)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--score-thr", type=float, default=0.5)
     parser.add_argument("--skip", default="", help="rows to leave out, e.g. tuned (slow without bf16 hardware)")
@@ -437,7 +439,8 @@ def main() -> None:
     print(f"start:   {load_line()} (the machine is shared: compare ratios within a round, read the spread)", flush=True)
     with tempfile.TemporaryDirectory(prefix="segcli-runtimes-") as tmp:
         for model in models:
-            count, rounds, model_skip = args.images, args.rounds, set(skip)
+            count = args.images or (DEMO_PHOTOS if model == "demo" else 6)
+            rounds, model_skip = args.rounds, set(skip)
             if args.quick:
                 count, rounds = (3, 3) if model == "demo" else (2, 2)
                 if model != "demo" and not cpu_has_fast_bf16():
