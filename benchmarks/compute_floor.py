@@ -115,8 +115,10 @@ def best_rate(dtype: torch.dtype, repeats: int = 5) -> tuple[float, str]:
     return best
 
 
-def compute_floor(weights: str, photos: list[Path]) -> Floor:
-    predictor = Predictor.load(weights, None, "cpu", "auto", 0.5, 100, progress=False)
+def compute_floor(weights: str, photos: list[Path], score_thr: float = 0.5) -> Floor:
+    """The floor for `segcli predict --score-thr score_thr`: the threshold sets how many
+    detections the mask head runs on."""
+    predictor = Predictor.load(weights, None, "cpu", "auto", score_thr, 100, progress=False)
     decoded = [Decoded(None, index, read_image(path), None) for index, path in enumerate(photos)]
     macs = model_macs(predictor, decoded)
     rates = {p: best_rate(torch.bfloat16 if p == "bf16" else torch.float32) for p, m in macs.items() if m}

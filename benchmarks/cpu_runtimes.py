@@ -382,19 +382,19 @@ def bench_model(kind, photos, rounds, threshold, tmp, skip, calibration, profile
     if "segcli-2s" in seconds and "segcli" in seconds:
         two = [seconds["segcli"][r] / seconds["segcli-2s"][r] for r in range(rounds)]
         print(f"  segcli-2s / segcli: {statistics.median(two):.2f}x ({min(two):.2f}..{max(two):.2f})")
-    print_floor(rows_weights(kind, tmp), photos, medians, log)
+    print_floor(rows_weights(kind, tmp), photos, threshold, medians, log)
     if profile:
         print_profile(rows_weights(kind, tmp), photos, threshold, tmp)
     sys.stdout.flush()
 
 
-def print_floor(weights, photos, medians: dict[str, float], log) -> None:
+def print_floor(weights, photos, threshold, medians: dict[str, float], log) -> None:
     """The compute floor (benchmarks/compute_floor.py) and what it allows each ratio target: how
     close each row came to the most images/s oneDNN's convolutions allow on this machine."""
     from benchmarks.compute_floor import compute_floor
 
     log("compute floor ...")
-    floor = compute_floor(str(weights), photos)
+    floor = compute_floor(str(weights), photos, threshold)
     limit = 1 / floor.seconds
     print(f"  compute floor: {floor.describe()}")
     print("  share of the floor reached: " + ", ".join(f"{name} {rate / limit:.0%}" for name, rate in medians.items()))
