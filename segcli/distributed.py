@@ -41,3 +41,13 @@ def init_distributed(dist: Dist, device_spec: str) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def leave_distributed() -> None:
+    """Destroy the process group once this rank's work is done. Left to the interpreter's teardown,
+    Gloo's worker threads can be destroyed while still joinable, and the rank then aborts with
+    SIGABRT ("terminate called without an active exception") after it has written everything, so
+    torchrun reports a failed run. Call it on success only: destroying the group while another rank
+    is still inside a collective can hang."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -94,7 +95,7 @@ def train(
         return run_train(options)
 
     summary = run_engine(run, "the last finished epoch is in last.pt (continue with --resume)")
-    if not quiet:
+    if not quiet and int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 reports for all
         best = f", best {summary.best} (mask AP {summary.best_ap:.3f})" if summary.best else ""
         if plots is not None:
             best += f"; plots in {plots}"

@@ -27,7 +27,7 @@ import torch
 from segcli.device import resolve_device
 from segcli.predict.merge import merge_parts
 from segcli.predict.shards import ShardSpec, record_path
-from segcli.distributed import dist_from_env, init_distributed
+from segcli.distributed import dist_from_env, init_distributed, leave_distributed
 from segcli.errors import UsageError
 from segcli.predict.plan import plan_output
 from segcli.predict.single import run_single
@@ -78,6 +78,7 @@ def run_ranks(options, stdin: TextIO | None, stderr: TextIO):
                     os.unlink(path)
     # No rank leaves before the merge is written: torchrun stops every rank when one exits non-zero.
     torch.distributed.barrier()
+    leave_distributed()
     return _combined(summaries) if dist.is_main else summary
 
 

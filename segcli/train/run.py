@@ -27,7 +27,7 @@ from segcli import __version__
 from segcli.archs import ARCHS
 from segcli.data.coco import CocoDataset, load_coco
 from segcli.data.train_samples import EpochBatches, TrainingSet, collate
-from segcli.distributed import dist_from_env, init_distributed
+from segcli.distributed import dist_from_env, init_distributed, leave_distributed
 from segcli.errors import UsageError
 from segcli.model.build import build_model
 from segcli.model.training import TrainingModel, TrainSettings
@@ -202,6 +202,7 @@ def run_train(options: TrainOptions, stderr: TextIO | None = None) -> TrainSumma
         say(f"--patience {options.patience}: stopped after epoch {epochs_done} of {options.epochs}, no better "
             f"validation mask AP in {options.patience} validations (best {best_ap:.3f}: {out / CHECKPOINT_BEST})")
     best = out / CHECKPOINT_BEST if best_ap is not None else None
+    leave_distributed()  # agree_to_stop was the ranks' last collective
     return TrainSummary(epochs_done, iteration, time.time() - started, last_path, best, best_ap, summary_metrics)
 
 
