@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
 from pathlib import Path
 from types import ModuleType
 
@@ -16,6 +17,13 @@ COCO_TINY_VAL = SHARED_DATA / "coco_tiny" / "images" / "val2017"
 def _cpu_threads():
     # Two cores on CI: keep torch from oversubscribing them.
     torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now: for a server the test starts, or to be refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def synthetic_shapes() -> ModuleType:

@@ -11,12 +11,13 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 from typing import Iterator
+
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "segcli-test-token-0123456789"
@@ -27,12 +28,6 @@ def label_studio_bin() -> str | None:
     candidates = [os.environ.get("SEGCLI_LABEL_STUDIO_BIN"), shutil.which("label-studio"),
                   str(ROOT / ".ls-venv" / "bin" / "label-studio")]
     return next((c for c in candidates if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

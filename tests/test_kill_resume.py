@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from segcli.predict.shards import record_path
-from tests.conftest import SHARED_DATA, require
+from tests.conftest import SHARED_DATA, free_port, require
 from tests.test_predict_cli import photos  # noqa: F401  (fixture)
 from tests.test_resume import checkpoint, make_images  # noqa: F401  (fixture: the small model at 160 px)
 
@@ -74,12 +73,6 @@ def _noop() -> None:
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @dataclass
 class Case:
     """One kind of run: its arguments, the files compared with the uninterrupted run, its ranks."""
@@ -91,7 +84,7 @@ class Case:
 
     def start(self, context, resume: bool, log: Path) -> list:
         argv = [*self.argv, *(["--resume"] if resume else [])]
-        port = _free_port()
+        port = free_port()
         processes = []
         for rank in range(self.ranks):
             env = {"OMP_NUM_THREADS": "1"}

@@ -24,8 +24,8 @@ import pytest
 from typer.testing import CliRunner
 
 from segcli.cli import app
-from tests.conftest import synthetic_shapes
-from tests.label_studio_server import (TOKEN, Server, ServerFailed, free_port as _free_port, label_studio_bin,
+from tests.conftest import free_port, synthetic_shapes
+from tests.label_studio_server import (TOKEN, Server, ServerFailed, label_studio_bin,
                                        running_label_studio)
 
 REQUIRED = os.environ.get("SEGCLI_REQUIRE_LABEL_STUDIO") == "1"
@@ -169,7 +169,7 @@ def _one_line(result, code: int, text: str) -> None:
 
 def test_bad_servers_tokens_projects_and_images(server, predicted, tmp_path):
     root, images = predicted
-    _one_line(_push(server, root, images, "x", url=f"http://127.0.0.1:{_free_port()}"), 3, "cannot reach Label Studio")
+    _one_line(_push(server, root, images, "x", url=f"http://127.0.0.1:{free_port()}"), 3, "cannot reach Label Studio")
     result = CliRunner().invoke(app, ["push", str(root / "pred.json"), "--label-studio", server.url,
                                       "--project", "x", "--token", "wrong", "--images", str(images)])
     _one_line(result, 3, "refused the token")
@@ -178,7 +178,7 @@ def test_bad_servers_tokens_projects_and_images(server, predicted, tmp_path):
     _one_line(result, 2, "has no project 'no such project'")
     assert not (tmp_path / "a.json").exists()
     # Images the server cannot load: refused before any task is imported.
-    result = _push(server, root, images, "unreachable", "--image-url-prefix", f"http://127.0.0.1:{_free_port()}/")
+    result = _push(server, root, images, "unreachable", "--image-url-prefix", f"http://127.0.0.1:{free_port()}/")
     _one_line(result, 3, "Label Studio cannot load image")
     assert server.tasks(_project_id(server, "unreachable")) == []
 

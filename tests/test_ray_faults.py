@@ -17,19 +17,13 @@ from pathlib import Path
 import pytest
 
 from segcli.predict.run import run_predict
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 from tests.test_predict_cli import photos  # noqa: F401  (fixture)
 from tests.test_ray_predict import cluster  # noqa: F401  (fixture)
 from tests.test_resume import checkpoint  # noqa: F401  (fixture)
 from tests.test_scale_out import one_run, one_thread, options, sources  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.ray
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _predict(sources, out: Path, checkpoint: Path, *flags: str, env: dict | None = None,  # noqa: F811
@@ -43,7 +37,7 @@ def _predict(sources, out: Path, checkpoint: Path, *flags: str, env: dict | None
 
 
 def test_a_wrong_address_is_one_line_exit_3_and_leaves_nothing(sources, checkpoint, tmp_path):  # noqa: F811
-    port = _free_port()  # nothing listens there: connection refused
+    port = free_port()  # nothing listens there: connection refused
     out = tmp_path / "p.json"
     result, seconds = _predict(sources, out, checkpoint, "--ray-address", f"127.0.0.1:{port}")
     assert result.returncode == 3, result.stderr

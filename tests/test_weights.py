@@ -10,7 +10,6 @@ import argparse
 import hashlib
 import http.server
 import json
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -31,6 +30,7 @@ from segcli.weights import (
     resolve_weights,
     save_checkpoint,
 )
+from tests.conftest import free_port
 
 CLS_KEY = "roi_heads.box_predictor.cls_score.weight"
 TINY_CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}]
@@ -106,12 +106,6 @@ def server():
     stop()
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # --- download, checksum, cache ---------------------------------------------------------------
 
 
@@ -180,7 +174,7 @@ def test_http_error_is_an_error(server, isolated_cache):
 
 
 def test_unreachable_url_says_how_to_pass_a_local_file(isolated_cache):
-    url = f"http://127.0.0.1:{closed_port()}/model-0123abcd.pth"
+    url = f"http://127.0.0.1:{free_port()}/model-0123abcd.pth"
     with pytest.raises(WeightsError) as excinfo:
         resolve_weights(url, progress=False)
     message = assert_one_line(excinfo)
