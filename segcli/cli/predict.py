@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import warnings
@@ -112,6 +111,7 @@ def predict(
 ) -> None:
     """Predict instance masks for images and videos and write them as COCO, JSON Lines, GeoJSON,
     LabelMe, YOLO or PNG; data goes to stdout only, logs and progress to stderr."""
+    from segcli.distributed import dist_from_env
     from segcli.predict.options import PredictOptions
     from segcli.predict.run import run_predict
 
@@ -127,7 +127,7 @@ def predict(
         track=_track_settings(track, track_low_thr, track_buffer, track_iou),
         review=_review_settings(review, review_flip), image_url_prefix=image_url_prefix,
     )
-    quiet = options.quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun rank 0 reports for all
+    quiet = options.quiet = quiet or not dist_from_env().is_main  # under torchrun rank 0 reports for all
     # Pillow warns about oddities it recovers from ("Corrupt EXIF data"); segcli reports what
     # matters about an input in its own one line, and a warning per file would flood cron logs.
     warnings.filterwarnings("ignore", module=r"PIL(\.|$)")

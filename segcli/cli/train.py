@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Optional
 
@@ -80,6 +79,7 @@ def train(
     precision: Optional[str] = typer.Option(None, rich_help_panel=SCHEDULE, help="auto, fp32 or bf16 (autocast). auto: mixed precision on CUDA, bf16 on CPUs with AVX-512 BF16 or AMX, else fp32. bf16 on a CPU without them is refused (emulated, it is slower)."),
 ) -> None:
     """Train or fine-tune Mask R-CNN on a COCO dataset; writes last.pt, best.pt and metrics.jsonl."""
+    from segcli.distributed import dist_from_env
     from segcli.train.run import TrainOptions, run_train
 
     def run():  # parse_sizes can raise UsageError: it gets the same one line as the engine's errors
@@ -95,7 +95,7 @@ def train(
         return run_train(options)
 
     summary = run_engine(run, "the last finished epoch is in last.pt (continue with --resume)")
-    if not quiet and int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 reports for all
+    if not quiet and dist_from_env().is_main:  # under torchrun rank 0 reports for all
         best = f", best {summary.best} (mask AP {summary.best_ap:.3f})" if summary.best else ""
         if plots is not None:
             best += f"; plots in {plots}"
