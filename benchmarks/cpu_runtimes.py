@@ -81,6 +81,7 @@ OTHER_RUNTIMES = ("ort", "ov-latency", "ov-thruput")  # what a CPU user would pi
 TARGET_OVER_OTHERS, TARGET_OVER_PLAIN, TARGET_INT8 = 1.3, 8, 1.6
 CALIBRATION_PHOTOS = 16
 DEMO_PHOTOS = 18  # of coco_tiny's 38: the 16 calibration photos follow them
+R50_PHOTOS = 6  # a round of 6 takes 6 to 35 s on 2 cores: long against the noise already
 R50 = "maskrcnn_resnet50_fpn"
 ARCH_OF = {"r50": R50, "r50v2": "maskrcnn_resnet50_fpn_v2", "r50-raw": R50}
 MODELS = ("demo", *ARCH_OF)
@@ -443,7 +444,7 @@ def main() -> None:
     print(f"start:   {load_line()} (the machine is shared: compare ratios within a round, read the spread)", flush=True)
     with tempfile.TemporaryDirectory(prefix="segcli-runtimes-") as tmp:
         for model in models:
-            count = args.images or (DEMO_PHOTOS if model == "demo" else 6)
+            count = args.images or (DEMO_PHOTOS if model == "demo" else R50_PHOTOS)
             rounds, model_skip = args.rounds, set(skip)
             if args.quick:
                 count, rounds = (3, 3) if model == "demo" else (2, 2)
